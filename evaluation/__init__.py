@@ -1,0 +1,10 @@
+"""Evaluation: accuracies, SVC membership inference, Retrain comparison, per-example attacks, result files.
+
+Knows nothing of argparse or mlflow: functions take models, loaders and plain values and return plain values.
+"""
+from evaluation.metrics import GAP_METRICS, Evaluation, avg_gap, compare_to_retrain, evaluate_model, predict
+from evaluation.results import build_result, write_result
+from evaluation.svc_mia import FEATURES, mia_features, svc_mia
+
+__all__ = ["GAP_METRICS", "Evaluation", "avg_gap", "compare_to_retrain", "evaluate_model", "predict", "build_result",
+           "write_result", "FEATURES", "mia_features", "svc_mia"]

@@ -1,0 +1,19 @@
+"""Unlearning methods: one registry, one shared driver, and the gradient-mask add-ons (`unlearn.masks`).
+
+Importing the package imports every module in it, so each method module only has to register its classes.
+Knows nothing of argparse or mlflow.
+"""
+import importlib
+import pkgutil
+
+from unlearn.registry import (ALIASES, METHODS, ResolvedMethod, UnlearnContext, UnlearnMethod, list_methods,
+                              match_methods, register_alias, register_method, resolve_hyperparameters, resolve_method)
+from unlearn.driver import UnlearnOutcome, run_unlearning
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("registry", "driver", "masks"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["ALIASES", "METHODS", "ResolvedMethod", "UnlearnContext", "UnlearnMethod", "list_methods", "match_methods",
+           "register_alias", "register_method", "resolve_hyperparameters", "resolve_method", "UnlearnOutcome",
+           "run_unlearning"]

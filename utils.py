@@ -1,0 +1,234 @@
+"""Small shared helpers: errors, seeding, devices, atomic file writes and weights-only checkpoints.
+
+Kept free of argparse and mlflow so that every module (and the tests) can import it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import pickle
+import random
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """Bad input from the user. Entry scripts print the message as one line and exit with status 2."""
+
+
+class DivergenceError(RuntimeError):
+    """A method produced a non-finite loss or weights; carries the epoch where it happened."""
+
+    def __init__(self, message: str, epoch: int):
+        super().__init__(message)
+        self.epoch = epoch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Seeding and devices
+# ---------------------------------------------------------------------------------------------------------------------
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch.Generator owned by one run, so that shuffles and random labels do not depend on global state."""
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(seed)
+    return generator
+
+
+def resolve_device(requested: str | None = None) -> torch.device:
+    """CUDA when available, else CPU; an explicit request that cannot be honoured is a UserError."""
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise UserError(f"--device '{requested}' is not a device; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {requested} requested but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so that wall-clock timings measure the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Accumulates wall time over several `with watch:` blocks (device-synchronised)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device or torch.device("cpu")
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Atomic writes: a crash or a full disk never leaves a half-written result
+# ---------------------------------------------------------------------------------------------------------------------
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write to directory '{directory}' ({exc.strerror or exc}); pass a writable --save_dir") from exc
+    return directory
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def to_jsonable(value: Any) -> Any:
+    """Turn tensors, numpy values, paths and tuples into plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.detach().cpu().tolist())
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    return value
+
+
+def atomic_write_json(path: str | os.PathLike, payload: Any) -> Path:
+    text = json.dumps(to_jsonable(payload), indent=2, sort_keys=False, allow_nan=True) + "\n"
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: tensors and plain values only, loaded with weights_only=True
+# ---------------------------------------------------------------------------------------------------------------------
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint without unpickling arbitrary objects; any failure is a one-line UserError."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"checkpoint '{file}' does not exist; pass the path of a .pth.tar written by main_baseline.py")
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line or "unsupported" in line]
+        detail = f" ({lines[0][:160]})" if lines else ""
+        raise UserError(
+            f"refusing to load '{file}': it contains pickled objects other than tensors and plain values{detail}; "
+            f"only weights-only checkpoints are accepted"
+        ) from exc
+    except Exception as exc:  # torch raises several types for corrupt or foreign files
+        raise UserError(f"'{file}' is not a readable PyTorch checkpoint ({type(exc).__name__})") from exc
+    if isinstance(payload, dict) and "state_dict" not in payload and payload and all(
+        isinstance(v, torch.Tensor) for v in payload.values()
+    ):
+        payload = {"state_dict": payload}  # a bare state_dict (upstream Retrain files) is accepted as such
+    if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
+        raise UserError(f"'{file}' is not a model checkpoint (no 'state_dict' entry)")
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Provenance
+# ---------------------------------------------------------------------------------------------------------------------
+
+def sha256_of_array(values: np.ndarray) -> str:
+    array = np.ascontiguousarray(np.asarray(values, dtype=np.int64))
+    return hashlib.sha256(array.tobytes()).hexdigest()[:16]
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def temporarily_eval(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Switch a model to eval mode and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def cli_main(main) -> None:
+    """Run an entry script's main(): bad input -> one line on stderr and exit 2; divergence -> exit 3; no traceback."""
+    import sys
+
+    try:
+        code = main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except DivergenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        print("interrupted; completed files are intact (writes are atomic)", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
