@@ -1,0 +1,23 @@
+# Quick start: `make demo` (set up, then run the benchmark on the embedded data) and `make test` (set up, then the tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) benchmark.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf benchmark_out results mlflow.db .pytest_cache

@@ -1,0 +1,27 @@
+"""Shared fixtures. Tests import the project's modules from the repository root."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Tiny budget on digits: enough to exercise every code path in seconds.
+TINY = ["--dataset", "digits", "--epochs", "2", "--width", "4", "--no-progress", "--batch_size", "128"]
+
+
+def run_script(script: str, *args: str, cwd: Path | None = None, env: dict | None = None,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run an entry script for real, as a user would (CleanRL-style smoke test)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def run():
+    return run_script
