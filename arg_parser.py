@@ -90,9 +90,10 @@ def build_parser(description: str = "", extra: Callable[[argparse.ArgumentParser
     g.add_argument("--unlearn_lr", type=float, default=None, help="unlearning learning rate (method default)")
     g.add_argument("--unlearn_seed", type=_int, default=None, help="seed of the unlearning run (default: --seed)")
     g.add_argument("--alpha", type=float, default=None, help="method strength (l1 coefficient, IU scale, FF noise, SSD alpha)")
-    g.add_argument("--beta", type=float, default=0.9, help="mixture weight on the retain gradient")
-    g.add_argument("--quantile", type=float, default=0.5, help="mask threshold q (prob) / saliency quantile")
-    g.add_argument("--rho", type=float, default=0.9, help="noise-model EMA weight")
+    g.add_argument("--beta", type=float, default=None, help="mixture weight on the retain gradient (method default, 0.9)")
+    g.add_argument("--quantile", type=float, default=None,
+                   help="mask threshold q (prob) / saliency quantile (method default, 0.5)")
+    g.add_argument("--rho", type=float, default=None, help="noise-model EMA weight (method default, 0.9)")
     g.add_argument("--ema", default="code", choices=["code", "standard"],
                    help="noise-model update: code = the authors' exactly; standard = conventional EMA")
     g.add_argument("--scrub_kl", default="kl", choices=["kl", "code"], help="SCRUB divergence: correct KL or the authors'")
@@ -142,11 +143,11 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> a
                      f"0..{derived - 1} for {args.dataset}")
     if args.num_indexes_to_replace is not None and args.num_indexes_to_replace <= 0:
         parser.error(f"--num_indexes_to_replace must be a positive count, got {args.num_indexes_to_replace}")
-    if not 0.0 < args.quantile < 1.0:
+    if args.quantile is not None and not 0.0 < args.quantile < 1.0:
         parser.error(f"--quantile must be in the open interval (0, 1), got {args.quantile}")
-    if not 0.0 <= args.beta <= 1.0:
+    if args.beta is not None and not 0.0 <= args.beta <= 1.0:
         parser.error(f"--beta must be in [0, 1], got {args.beta}")
-    if not 0.0 < args.rho < 1.0:
+    if args.rho is not None and not 0.0 < args.rho < 1.0:
         parser.error(f"--rho must be in the open interval (0, 1), got {args.rho}")
     if args.gpu is not None and args.device == "auto":
         args.device = f"cuda:{args.gpu}"

@@ -386,7 +386,10 @@ class TensorLoader:
 
     def __len__(self) -> int:
         n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        if self.drop_last or (self.shuffle and n > 1 and n % self.batch_size == 1):
+            # a shuffled (training) pass drops a trailing batch of one sample: BatchNorm cannot train on it
+            return n // self.batch_size
+        return -(-n // self.batch_size)
 
     @property
     def num_samples(self) -> int:

@@ -66,11 +66,15 @@ def describe_scenario(split: Split) -> str:
     return f"random forgetting: {len(split.forget)} samples across all classes"
 
 
-def setup_run(args: argparse.Namespace, need_forget: bool = True) -> Run:
-    """Resolve device, load the dataset, carve the split (printing the scenario, as upstream's default class 0 surprises)."""
+def setup_run(args: argparse.Namespace, need_forget: bool = True, data: ImageData | None = None) -> Run:
+    """Resolve device, load the dataset, carve the split (printing the scenario, as upstream's default class 0 surprises).
+
+    `data`: the dataset, already loaded by the caller (e.g. to validate against it before anything is written)."""
     device = resolve_device(args.device)
     save_dir = ensure_writable_dir(args.save_dir)
-    data = load_dataset(args.dataset, args.data, download=not getattr(args, "no_download", False)).to(device)
+    if data is None:
+        data = load_dataset(args.dataset, args.data, download=not getattr(args, "no_download", False))
+    data = data.to(device)
     if args.num_indexes_to_replace is None and args.class_to_replace == -1 and not need_forget:
         split = make_split(data, 0, None, seed=args.seed, split_mode=args.split)  # any split: only `train` is used
     else:
@@ -147,10 +151,11 @@ def load_model(path: str | Path, run: Run) -> tuple[torch.nn.Module, dict]:
     return model, payload
 
 
-def train_reference(run: Run, retrain: bool, resume: bool = False) -> dict:
+def train_reference(run: Run, retrain: bool, resume: bool = False, checkpoint_path: str | Path | None = None) -> dict:
     """Train the original model (on the whole training split) or the Retrain reference (on the retain set).
 
-    Original: best-by-validation weights -> `original_checkpoint_path`, rolling checkpoint for --resume, curve plot.
+    Original: best-by-validation weights -> `checkpoint_path` (default `original_checkpoint_path`; mlflow_forget.py
+    passes its --mask), rolling checkpoint for --resume, curve plot.
     Retrain: same recipe and initialisation seed on the retain set; the final weights are kept.
     """
     args = run.args
@@ -161,7 +166,9 @@ def train_reference(run: Run, retrain: bool, resume: bool = False) -> dict:
         last_path = best_path.with_name(best_path.name.replace("model.pth.tar", "checkpoint.pth.tar"))
         part, kind, split_hash = "retain", "retrain", run.split.hash
     else:
-        best_path, last_path = original_checkpoint_path(args), original_last_path(args)
+        best_path = Path(checkpoint_path) if checkpoint_path else original_checkpoint_path(args)
+        last_path = (original_last_path(args) if best_path == original_checkpoint_path(args)
+                     else best_path.with_name(f"resume_{best_path.name}"))
         part, kind, split_hash = "train", "original", None
     meta = model_metadata(run, kind, split_hash=split_hash, split_tag=run.split.tag if retrain else None)
     result = train_model(model, run.splits, run.recipe, seed=args.seed, part=part, last_checkpoint=last_path,
@@ -221,15 +228,22 @@ EpochHook = Callable[[int, dict, dict], None]
 
 
 def unlearn_and_evaluate(run: Run, model_path: str | Path | None = None, per_epoch_eval: bool = False,
-                         on_epoch: EpochHook | None = None, write_files: bool = True) -> dict:
+                         on_epoch: EpochHook | None = None, write_files: bool = True,
+                         paths: dict[str, Path] | None = None,
+                         scenario_metrics: Callable[[torch.nn.Module], dict] | None = None,
+                         extra: dict | None = None) -> dict:
     """Load the original model, run the method, evaluate, and write the result JSON and checkpoint atomically.
 
     With `per_epoch_eval`, the model is evaluated after every epoch (outside the RTE timer) and `on_epoch(epoch,
     metrics, stats)` receives the metrics (the same keys as the final result, plus cumulative RTE).
+    Scripts with their own outputs (the backdoor experiment) pass `paths` ({"result", "checkpoint"}; default
+    `result_paths(args)`), `scenario_metrics(model) -> dict` (metrics of the scenario, e.g. the backdoor's ASR: merged
+    into the result and the checkpoint's evaluation, and into every epoch's metrics with per-epoch evaluation) and
+    `extra` (more result keys; they override the defaults).
     """
     args = run.args
     method = resolve_method(args.unlearn, args.grad_mask)
-    hp = resolve_hyperparameters(method, method_hyperparameters(args))
+    hp = resolve_hyperparameters(method, method_hyperparameters(args), dataset=args.dataset)
     model_path = Path(model_path or args.mask or original_checkpoint_path(args))
     model, payload = load_model(model_path, run)
     original_meta = {k: payload.get(k) for k in ("kind", "epoch", "accuracy", "arch", "dataset", "width")}
@@ -257,6 +271,8 @@ def unlearn_and_evaluate(run: Run, model_path: str | Path | None = None, per_epo
         evaluation = evaluate_model(eval_model, run.splits)
         metrics = build_result(evaluation, {}, run.split.hash, rte, retrain_eval)
         metrics.pop("args"), metrics.pop("split_hash")
+        if scenario_metrics:
+            metrics.update(scenario_metrics(eval_model))
         metrics.update({f"stat_{k}": v for k, v in stats.items()})
         curves.append({"epoch": epoch, **metrics})
         if on_epoch:
@@ -270,7 +286,7 @@ def unlearn_and_evaluate(run: Run, model_path: str | Path | None = None, per_epo
     split_file = run.save_dir / f"split_{run.split.tag}.json"
     if write_files and not split_file.is_file():
         run.split.save(split_file)
-    extra = {
+    caller_extra, extra = extra, {
         "method": method.label, "hyperparameters": hp, "device": device_name(run.device), "epochs_run": outcome.epochs_run,
         "epoch_stats": outcome.epoch_stats, "scenario": run.split.scenario, "split_file": str(split_file),
         "original_model": {"path": str(model_path), **original_meta},
@@ -278,14 +294,22 @@ def unlearn_and_evaluate(run: Run, model_path: str | Path | None = None, per_epo
     }
     if curves:
         extra["curves"] = curves
+    if getattr(args, "mia", "svc") != "svc":  # per-example LiRA / RMIA / U-LiRA: experiment_mia.py
+        from experiment_mia import run_per_example_mia
+        extra["per_example_mia"] = run_per_example_mia(run, final_model, model_path, retrain_path, method, hp,
+                                                       write_files=write_files)
+    extra.update(caller_extra or {})
+    final_scenario = scenario_metrics(final_model) if scenario_metrics else {}
+    extra.update(final_scenario)
     result = build_result(evaluation, vars(args), run.split.hash, outcome.rte_seconds, retrain_eval, extra)
     if write_files:
-        paths = result_paths(args)
+        paths = paths or result_paths(args)
         atomic_torch_save(paths["checkpoint"], {**model_metadata(run, "unlearned", split_hash=run.split.hash,
                                                                 method=method.label),
                                                "state_dict": final_model.state_dict(),
-                                               "evaluation": {k: result[k] for k in ("accuracy", "UA", "RA", "TA",
-                                                                                     "MIA_efficacy")}})
+                                               "evaluation": {**{k: result[k] for k in ("accuracy", "UA", "RA", "TA",
+                                                                                        "MIA_efficacy")},
+                                                              **final_scenario}})
         write_result(paths["result"], result)
     return result
 

@@ -169,6 +169,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         payload = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc) and "GLOBAL" not in str(exc):
+            raise UserError(f"'{file}' is not a readable PyTorch checkpoint (corrupt or another format)") from exc
         lines = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line or "unsupported" in line]
         detail = f" ({lines[0][:160]})" if lines else ""
         raise UserError(

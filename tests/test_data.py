@@ -125,6 +125,10 @@ def test_loader_batches_shuffle_determinism_and_augmentation():
     assert sorted(torch.cat(a).tolist()) == list(range(10))
     with pytest.raises(ValueError):
         TensorLoader(images, labels, 4, shuffle=True)
+    # a training pass never ends on a one-sample batch (BatchNorm needs two); evaluation keeps every sample
+    odd = TensorLoader(images[:9], labels[:9], 4, shuffle=True, generator=make_generator(1))
+    assert len(odd) == 2 and [len(y) for _, y in odd] == [4, 4]
+    assert [len(y) for _, y in TensorLoader(images[:9], labels[:9], 4)] == [4, 4, 1]
 
 
 def test_crop_flip_is_a_padded_translation_and_flip():

@@ -41,10 +41,10 @@ def run_unlearning(method: UnlearnMethod, epochs: int, on_epoch: EpochCallback |
     model = method.model
     watch = Stopwatch(method.ctx.device)
     epochs = 1 if method.one_shot else epochs
-    last_finite = copy.deepcopy(model.state_dict())
     stats_per_epoch: list[dict] = []
     with watch:
         method.setup()
+    last_finite = copy.deepcopy(model.state_dict())  # after setup: setup may change the model (BE's shadow class)
     bar = tqdm(range(1, epochs + 1), desc=f"unlearn {method.name}", disable=None if progress else True, leave=False,
                dynamic_ncols=True)
     for epoch in bar:

@@ -47,6 +47,7 @@ class UnlearnMethod:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {"lr": 0.01, "epochs": 10}
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}  # dataset name -> values that replace `defaults` there
     one_shot: ClassVar[bool] = False          # a single pass, not epochs (IU, FF, SSD, raw)
     supports_grad_mask: ClassVar[bool] = False  # a bi-objective base that the mask add-ons can be applied to
     mask_unsupported_reason: ClassVar[str] = "it is not a bi-objective method"
@@ -143,9 +144,11 @@ def resolve_method(name: str, grad_mask: str | None = None) -> ResolvedMethod:
     return ResolvedMethod(name=name, cls=cls, grad_mask=mask, overrides=overrides)
 
 
-def resolve_hyperparameters(method: ResolvedMethod, user: dict[str, Any]) -> dict[str, Any]:
-    """Method defaults < alias overrides < explicit user values (None means 'not given')."""
+def resolve_hyperparameters(method: ResolvedMethod, user: dict[str, Any], dataset: str | None = None) -> dict[str, Any]:
+    """Method defaults < the method's `dataset_defaults[dataset]` < alias overrides < explicit user values (None means
+    'not given')."""
     hp = dict(method.cls.defaults)
+    hp.update(getattr(method.cls, "dataset_defaults", {}).get(dataset, {}) if dataset else {})
     hp.update(method.overrides)
     hp.update({k: v for k, v in user.items() if v is not None})
     if method.grad_mask is not None:

@@ -1,0 +1,133 @@
+"""Benchmark every registered unlearning method against Retrain: the project's main job.
+
+    python benchmark.py                      # digits_noisy, random 10 % + class-wise (class 0), seeds 1 2 3
+    python benchmark.py --methods 'NG*' FT --seeds 1 --jobs 2 --out benchmark_out/ng
+    python benchmark.py --emit-commands cells.txt   # one mlflow_forget.py line per cell, for SLURM / GNU parallel
+
+Trains what is missing (the original model per seed, the Retrain reference per forget setting and seed), runs each
+method configuration once per cell (aliases of one configuration run once), and writes <out>/results.md and
+results.csv (mean ± std over seeds; the Retrain row first, then methods by Avg. Gap), the trade-off plot and the
+masking family's per-epoch curves. Finished cells are kept in <out>/cells/, so a second invocation computes nothing
+new (--rerun recomputes). Tracked as one mlflow parent run with one nested child run per cell.
+Per-method hyper-parameters: configs/benchmark_<dataset>.json (when present) and --grid FILE, both
+{"method or glob": {"unlearn_lr": [..], "unlearn_epochs": [..], "scenarios": {"classwise": {...}}}} (lists are
+expanded as a cartesian product).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from arg_parser import OneLineErrorParser
+from dataset import list_datasets
+from models import list_models
+from sweep import CLASSWISE_CLASS, SCENARIOS, Settings, Sweep, load_settings_file
+from utils import cli_main
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in the open interval (0, 1), got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _default_jobs() -> int:
+    import torch
+
+    return 1 if torch.cuda.is_available() else max(1, min(os.cpu_count() or 1, 8))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("grid")
+    g.add_argument("--datasets", nargs="+", default=["digits_noisy"], choices=list_datasets(), metavar="DATASET",
+                   help=f"datasets ({', '.join(list_datasets())}; default digits_noisy)")
+    g.add_argument("--archs", nargs="+", default=["resnet18"], choices=list_models(), metavar="ARCH",
+                   help="architectures (default resnet18)")
+    g.add_argument("--scenarios", nargs="+", default=["random", "classwise"], choices=list(SCENARIOS),
+                   metavar="SCENARIO", help=f"forget scenarios ({', '.join(SCENARIOS)}; default random classwise)")
+    g.add_argument("--methods", nargs="+", default=["*"], metavar="NAME",
+                   help="method names or glob patterns (default: every registered method; retrain is the reference row)")
+    g.add_argument("--seeds", nargs="+", type=_positive, default=[1, 2, 3], help="seeds (default 1 2 3)")
+    g.add_argument("--grid", default=None, metavar="FILE",
+                   help='per-method hyper-parameter grid, JSON {"method": {"unlearn_lr": [..], "unlearn_epochs": [..]}}')
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="per-method hyper-parameters (default: configs/benchmark_<dataset>.json when present)")
+    g.add_argument("--forget_fraction", type=_fraction, default=0.1,
+                   help="random forgetting: fraction of the training split to forget (default 0.1)")
+    g.add_argument("--forget_class", type=int, default=CLASSWISE_CLASS,
+                   help=f"class-wise forgetting: the class to forget (default {CLASSWISE_CLASS})")
+    g = p.add_argument_group("budget (defaults: the dataset's recipe and each method's own)")
+    g.add_argument("--epochs", type=_positive, default=None, help="training epochs of the original and Retrain models")
+    g.add_argument("--unlearn_epochs", type=_positive, default=None, help="unlearning epochs of every method")
+    g.add_argument("--width", type=_positive, default=None, help="model width")
+    g.add_argument("--epoch-eval", dest="epoch_eval", default="masked", choices=["all", "masked", "none"],
+                   help="evaluate after every unlearning epoch for all methods, the masking family only, or none")
+    g = p.add_argument_group("execution")
+    g.add_argument("--jobs", type=_positive, default=None,
+                   help="parallel worker processes, one thread each (default: CPU cores up to 8; 1 with CUDA)")
+    g.add_argument("--out", default="benchmark_out", help="output directory (default benchmark_out/)")
+    g.add_argument("--rerun", action="store_true", help="recompute cells that already have a result")
+    g.add_argument("--emit-commands", dest="emit_commands", default=None, metavar="FILE",
+                   help="write one self-contained mlflow_forget.py command line per cell to FILE instead of running")
+    g.add_argument("--track", action=argparse.BooleanOptionalAction, default=True,
+                   help="track with mlflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    g.add_argument("--experiment", default=None, help="mlflow experiment (default: benchmark-<datasets>)")
+    g.add_argument("--data", default="../data", help="dataset root")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--no-download", dest="no_download", action="store_true", help="never try to download data")
+    g.add_argument("--no-progress", dest="no_progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    grid = load_settings_file(Path(args.grid), "--grid file") if args.grid else {}
+    settings = Settings(
+        datasets=args.datasets, archs=args.archs, scenarios=args.scenarios, methods=args.methods, seeds=args.seeds,
+        out=Path(args.out), data=args.data, device=args.device, epochs=args.epochs, unlearn_epochs=args.unlearn_epochs,
+        width=args.width, forget_fraction=args.forget_fraction, forget_class=args.forget_class,
+        epoch_eval=args.epoch_eval, grid=grid, config=Path(args.config) if args.config else None,
+        jobs=args.jobs or _default_jobs(), rerun=args.rerun, no_download=args.no_download)
+    experiment = args.experiment or f"benchmark-{'+'.join(args.datasets)}"
+    tracker = experiment_id = None
+    if args.track:  # checked before anything is trained or written
+        from tracking import open_tracker
+
+        tracker, experiment_id = open_tracker(experiment)
+    sweep = Sweep(settings, tracker, experiment_id, progress=not args.no_progress)
+
+    if args.emit_commands:
+        tracking = None
+        if tracker is not None:
+            parent = tracker.start_run(experiment_id, f"benchmark-{'+'.join(args.datasets)}-commands",
+                                       params={"commands_file": os.path.abspath(args.emit_commands),
+                                               "cells": len(sweep.cells)}, tags={"sweep": "emitted commands"})
+            parent.end("FINISHED")
+            tracking = {"uri": tracker.uri, "experiment": experiment, "parent_run_id": parent.run_id}
+        count = sweep.emit_commands(Path(args.emit_commands), tracking)
+        print(f"wrote {count} command line(s) to {args.emit_commands}; afterwards `python benchmark.py` with the same "
+              f"arguments aggregates their results without recomputing them")
+        return 0
+
+    outcome = sweep.run()
+    print(outcome.table)
+    print(f"computed {outcome.computed} cell(s), reused {outcome.reused}; {len(outcome.failed)} failed, "
+          f"{len(outcome.errors)} errors; {outcome.seconds:.0f} s -> {settings.out / 'results.md'}, "
+          f"{settings.out / 'results.csv'}")
+    for message in outcome.failed + outcome.errors:
+        print(f"failed: {message}")
+    return 1 if outcome.errors else 0
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,52 @@
+"""Every registered method (aliases included) runs for real on tiny digits settings and writes a valid result
+(timm style: the test enumerates the registry, so a new method is tested the moment it is registered)."""
+import json
+import math
+
+import pytest
+
+from arg_parser import parse_args
+from experiment import result_paths, setup_run, train_reference, unlearn_and_evaluate
+from unlearn import ALIASES, list_methods, resolve_method
+from utils import UserError
+
+ARGS = ["--dataset", "digits", "--epochs", "2", "--width", "4", "--batch_size", "64", "--no-progress", "--seed", "1",
+        "--class_to_replace", "-1", "--num_indexes_to_replace", "40", "--unlearn_epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def save_dir(tmp_path_factory):
+    save = tmp_path_factory.mktemp("registry")
+    for retrain in (False, True):
+        args = parse_args([*ARGS, "--save_dir", str(save)] + (["--retrain"] if retrain else []))
+        train_reference(setup_run(args, need_forget=retrain), retrain=retrain)
+    return save
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_registered_method_runs_and_writes_a_valid_result(name, save_dir):
+    args = parse_args([*ARGS, "--save_dir", str(save_dir), "--unlearn", name])
+    result = unlearn_and_evaluate(setup_run(args))
+    written = json.loads(result_paths(args)["result"].read_text())
+    assert written["args"]["unlearn"] == name
+    for key in ("UA", "RA", "TA", "MIA_efficacy", "RTE_seconds", "rUA", "agreement", "avg_gap"):
+        assert isinstance(written[key], float) and math.isfinite(written[key]), key
+    assert set(written["accuracy"]) == {"retain", "forget", "val", "test"}
+    assert 0.0 <= written["UA"] <= 100.0 and written["RTE_seconds"] >= 0.0
+    assert result_paths(args)["checkpoint"].is_file()
+
+
+def test_registry_names_and_errors():
+    names = list_methods()
+    for required in ("raw", "retrain", "FT", "GA", "RL", "FT_l1", "FT_prune", "wfisher", "fisher_new",
+                     "boundary_expanding", "boundary_shrink", "SalUn", "SalUn_soft", "NGPlus", "SRL", "SCRUB", "SSD",
+                     "VarGrad", "NGradMask", "NGradFocus", "NGPlus_OPT", "NGradFocusOPT", "NGSalUn", "SRGradMask",
+                     "SRGradFocus", "SRL_OPT", "SRGradFocusOPT", "SCRUBGradMask", "SCRUBFocus", "SCRUBSalUn"):
+        assert required in names, required
+    assert (ALIASES["VarGrad"].base, ALIASES["VarGrad"].grad_mask) == ("NGPlus", "prob")
+    with pytest.raises(UserError, match="registered: .*VarGrad"):
+        resolve_method("NoSuchMethod")
+    for base in ("FT", "GA"):
+        with pytest.raises(UserError, match=f"cannot be applied to {base}"):
+            resolve_method(base, "prob")
+    assert resolve_method("SRL", "focus").label == "SRL+focus"

@@ -1,0 +1,313 @@
+"""Experiment tracking with mlflow. The only module that imports mlflow (models/, unlearn/, evaluation/ never do).
+
+Conventions (LANDSCAPE.md §5.1):
+* Backend: `MLFLOW_TRACKING_URI` when set (a remote `mlflow server` works), else SQLite `sqlite:///mlflow.db` in the
+  working directory. A relative SQLite path is made absolute, so every process of a sweep writes the same database.
+* A run: params = every argument (plus `hp.*`, the method's resolved hyper-parameters); per-epoch metrics with
+  `step=epoch` (UA, RA, TA, MIA_efficacy, accuracy.*, SVC_MIA.<five features>, rUA, agreement, avg_gap, cumulative
+  RTE_seconds, kept_fraction for masked methods, stat.* for other epoch statistics); tags (git commit, device, torch
+  version, split hash, ...); artifacts (the result JSON, the resolved arguments `config.yaml`, the split indices,
+  per-epoch plots).
+* Sweeps: one parent run, one child per cell (tag `mlflow.parentRunId`, which the UI uses to group them), logged by
+  the sweep's own process from each cell's result JSON (`log_result_run`: same params, metrics, tags and artifacts as
+  a live run, without the per-run plot; the parent holds the table and the sweep's plots).
+* An unreachable server is a one-line `UserError` before any work. A failure later (the server went away) is a one-line
+  warning; tracking stops for that process and the local result files carry on.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import urlparse
+
+from utils import UserError, to_jsonable
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SCALAR_METRICS = ("UA", "RA", "TA", "MIA_efficacy", "rUA", "agreement", "avg_gap", "RTE_seconds")
+KEPT_FRACTION = "kept_fraction"
+
+# mlflow's HTTP client retries with exponential back-off for minutes by default; a sweep should notice an outage
+# quickly and carry on with its local files instead. Explicit user settings win.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where to track, and whether it answers
+# ---------------------------------------------------------------------------------------------------------------------
+
+def tracking_uri(environ: dict | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; relative SQLite paths are resolved against the working directory."""
+    uri = (environ if environ is not None else os.environ).get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        uri = prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
+    return uri
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, when the tracking backend cannot be used (before anything is trained or written)."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                if response.status != 200:
+                    raise OSError(f"HTTP {response.status}")
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise UserError(f"cannot reach the mlflow tracking server at {uri} ({reason}); start it "
+                            f"(mlflow server --port 5000), fix MLFLOW_TRACKING_URI, or pass --no-track") from None
+    elif parsed.scheme == "sqlite":
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UserError(f"cannot use the tracking database {uri}: folder '{folder}' is missing or not writable; "
+                            f"set MLFLOW_TRACKING_URI or pass --no-track")
+
+
+def open_tracker(experiment: str, uri: str | None = None) -> tuple["MlflowTracker", str]:
+    """Check the backend, then get or create the experiment. Returns the tracker and the experiment id."""
+    uri = uri or tracking_uri()
+    check_tracking_uri(uri)
+    tracker = MlflowTracker(uri)
+    return tracker, tracker.experiment_id(experiment)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What gets logged
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def epoch_metrics(metrics: dict, stats: dict | None = None) -> dict[str, float]:
+    """Flatten one epoch's metrics (the keys of the result JSON) into mlflow metric names.
+
+    `metrics` is what `experiment.unlearn_and_evaluate` hands to `on_epoch` (epoch statistics as `stat_<name>`), an
+    entry of a result's "curves", or a final result (then `stats` is the last entry of its "epoch_stats")."""
+    flat: dict[str, float] = {}
+    for key in SCALAR_METRICS:
+        value = _number(metrics.get(key))
+        if value is not None:
+            flat[key] = value
+    for part, value in (metrics.get("accuracy") or {}).items():
+        if _number(value) is not None:
+            flat[f"accuracy.{part}"] = float(value)
+    for feature, value in (metrics.get("SVC_MIA_forget_efficacy") or {}).items():
+        if _number(value) is not None:
+            flat[f"SVC_MIA.{feature}"] = float(value)
+    epoch_stats = {k[len("stat_"):]: v for k, v in metrics.items() if k.startswith("stat_")}
+    epoch_stats.update(stats or {})
+    for name, value in epoch_stats.items():
+        if _number(value) is not None:
+            flat[KEPT_FRACTION if name == KEPT_FRACTION else f"stat.{name}"] = float(value)
+    return flat
+
+
+def flat_params(values: dict[str, Any]) -> dict[str, str]:
+    """Short string values (mlflow caps a value at 6000 characters)."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    params = {}
+    for key, value in values.items():
+        text = str(to_jsonable(value))
+        params[str(key)] = text if len(text) <= MAX_PARAM_VAL_LENGTH else text[:MAX_PARAM_VAL_LENGTH - 3] + "..."
+    return params
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trackers and run handles
+# ---------------------------------------------------------------------------------------------------------------------
+
+class NullRun:
+    """A run that logs nothing (--no-track)."""
+
+    run_id = None
+    record = None
+
+    def log_epoch(self, epoch: int, metrics: dict, stats: dict | None = None) -> None: ...
+
+    def log_metrics(self, values: dict[str, float], step: int = 0) -> None: ...
+
+    def log_params(self, params: dict) -> None: ...
+
+    def set_tags(self, tags: dict) -> None: ...
+
+    def log_files(self, result_file: Path | None = None, config: dict | None = None, split_file: Path | None = None,
+                  plots: Iterable[Path] = (), others: Iterable[Path] = ()) -> None: ...
+
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
+    def end(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    enabled = False
+    uri = None
+
+    def start_run(self, experiment_id, run_name, params=None, tags=None, parent_run_id=None, description=None) -> NullRun:
+        return NullRun()
+
+
+class MlflowTracker:
+    """Explicit `MlflowClient` calls (no global active run), so one process can hold a parent and many children."""
+
+    enabled = True
+
+    def __init__(self, uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.broken: str | None = None
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+        except Exception as exc:  # mlflow raises many types for bad URIs and stores
+            raise UserError(f"cannot open the mlflow tracking backend {uri} ({_short(exc)}); set MLFLOW_TRACKING_URI "
+                            f"or pass --no-track") from None
+
+    def experiment_id(self, name: str) -> str:
+        try:
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                try:
+                    return self.client.create_experiment(name)
+                except Exception:  # created by a parallel job in the meantime
+                    experiment = self.client.get_experiment_by_name(name)
+                    if experiment is None:
+                        raise
+            if experiment.lifecycle_stage == "deleted":
+                raise UserError(f"mlflow experiment '{name}' is deleted; restore it or pass --experiment")
+            return experiment.experiment_id
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"cannot use the mlflow tracking backend {self.uri} ({_short(exc)}); fix "
+                            f"MLFLOW_TRACKING_URI or pass --no-track") from None
+
+    def guard(self, what: str, call, *args, **kwargs):
+        """Run one tracking call; the first failure is reported in one line and stops tracking in this process."""
+        if self.broken:
+            return None
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            self.broken = f"{what}: {_short(exc)}"
+            print(f"warning: mlflow tracking stopped ({self.broken}); results are still written to local files",
+                  file=sys.stderr, flush=True)
+            return None
+
+    def start_run(self, experiment_id: str, run_name: str, params: dict | None = None, tags: dict | None = None,
+                  parent_run_id: str | None = None, description: str | None = None) -> "MlflowRun | NullRun":
+        all_tags = {k: str(v) for k, v in (tags or {}).items()}
+        all_tags.setdefault("mlflow.source.git.commit", all_tags.get("git_commit", ""))
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        if description:
+            all_tags["mlflow.note.content"] = description
+        created = self.guard("create run", self.client.create_run, experiment_id, tags=all_tags, run_name=run_name)
+        if created is None:
+            return NullRun()
+        handle = MlflowRun(self, created.info.run_id, experiment_id)
+        if params:
+            handle.log_params(params)
+        return handle
+
+
+class MlflowRun:
+    def __init__(self, tracker: MlflowTracker, run_id: str, experiment_id: str):
+        self.tracker, self.run_id, self.experiment_id = tracker, run_id, experiment_id
+        self.client = tracker.client
+        self.ended = False
+
+    @property
+    def record(self) -> dict | None:
+        """Where this run lives, for the local result JSON; None when tracking failed on the way."""
+        if self.tracker.broken or not self.ended:
+            return None
+        return {"tracking_uri": self.tracker.uri, "experiment_id": self.experiment_id, "run_id": self.run_id}
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flat_params(params).items()]
+        for chunk in _chunks(items, 100):
+            self.tracker.guard("log params", self.client.log_batch, self.run_id, params=chunk)
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for chunk in _chunks(items, 100):
+            self.tracker.guard("set tags", self.client.log_batch, self.run_id, tags=chunk)
+
+    def log_epoch(self, epoch: int, metrics: dict, stats: dict | None = None) -> None:
+        self.log_metrics(epoch_metrics(metrics, stats), step=epoch)
+
+    def log_metrics(self, values: dict[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        timestamp_ms = timestamp_ms or int(time.time() * 1000)
+        items = [Metric(k, v, timestamp_ms, step) for k, v in values.items()]  # NaN is stored as such
+        for chunk in _chunks(items, 1000):
+            self.tracker.guard("log metrics", self.client.log_batch, self.run_id, metrics=chunk)
+
+    def log_files(self, result_file: Path | None = None, config: dict | None = None, split_file: Path | None = None,
+                  plots: Iterable[Path] = (), others: Iterable[Path] = ()) -> None:
+        """The run's artifacts: result JSON, resolved arguments (config.yaml), split indices, plots."""
+        if result_file is not None and Path(result_file).is_file():
+            self.tracker.guard("log artifact", self.client.log_artifact, self.run_id, str(result_file))
+        if config is not None:
+            self.tracker.guard("log config", self.client.log_dict, self.run_id, to_jsonable(config), "config.yaml")
+        if split_file is not None and Path(split_file).is_file():
+            self.tracker.guard("log split", self.client.log_artifact, self.run_id, str(split_file), "split")
+        for plot in plots:
+            if plot is not None and Path(plot).is_file():
+                self.tracker.guard("log plot", self.client.log_artifact, self.run_id, str(plot), "plots")
+        for other in others:
+            if other is not None and Path(other).is_file():
+                self.tracker.guard("log artifact", self.client.log_artifact, self.run_id, str(other))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.tracker.guard("log text", self.client.log_text, self.run_id, text, artifact_file)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if not self.ended:
+            self.tracker.guard("end run", self.client.set_terminated, self.run_id, status)
+            self.ended = True
+
+
+def log_result_run(tracker: MlflowTracker, experiment_id: str, name: str, result: dict, result_file: Path,
+                   tags: dict, parent_run_id: str | None = None) -> "MlflowRun | NullRun":
+    """Log a finished result (a benchmark cell computed in a worker) as a run: the same params, per-epoch metrics
+    (from its "curves", else the final metrics at step = epochs run), tags and artifacts as a live mlflow_forget.py run."""
+    params = {**result.get("args", {}), **{f"hp.{k}": v for k, v in (result.get("hyperparameters") or {}).items()}}
+    handle = tracker.start_run(experiment_id, name, params=params, tags=tags, parent_run_id=parent_run_id)
+    curves = result.get("curves") or []
+    if curves:
+        for entry in curves:
+            handle.log_epoch(int(entry["epoch"]), entry)
+    else:
+        stats = (result.get("epoch_stats") or [{}])[-1] if result.get("epoch_stats") else {}
+        handle.log_epoch(int(result.get("epochs_run") or 1), result, stats)
+    split_file = result.get("split_file")
+    handle.log_files(result_file, config=result.get("args"), split_file=Path(split_file) if split_file else None)
+    handle.end("FINISHED")
+    return handle
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
