@@ -15,7 +15,8 @@ def print_methods() -> None:
     for name in list_methods():
         if name in ALIASES:
             alias = ALIASES[name]
-            print(f"{name:18s} = {alias.base} + {alias.grad_mask}  {alias.summary}")
+            target = alias.base + (f" + {alias.grad_mask}" if alias.grad_mask else "")
+            print(f"{name:18s} = {target}  {alias.summary}")
         else:
             print(f"{name:18s} {METHODS[name].summary}")
 

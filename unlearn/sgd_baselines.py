@@ -118,10 +118,6 @@ def statistics_loader(data, part: str, paper_era: bool, batch_size: int, generat
     return TensorLoader(images, labels, batch_size, shuffle=False, augment=augment, generator=generator)
 
 
-def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
 # --- SalUn saliency masks --------------------------------------------------------------------------------------------
 
 def forget_gradient_saliency(model: nn.Module, loader: Iterable) -> dict[str, torch.Tensor]:
