@@ -21,8 +21,8 @@ from evaluation import Evaluation, build_result, evaluate_model, write_result
 from models import create_model
 from training import TrainRecipe, parse_milestones, plot_history, train_model
 from unlearn import UnlearnContext, resolve_hyperparameters, resolve_method, run_unlearning
-from utils import (UserError, atomic_torch_save, atomic_write_json, device_name, ensure_writable_dir, load_checkpoint,
-                   make_generator, resolve_device, set_seed, to_jsonable)
+from utils import (DivergenceError, UserError, atomic_torch_save, atomic_write_json, device_name, ensure_writable_dir,
+                   load_checkpoint, make_generator, resolve_device, set_seed, to_jsonable)
 
 # Hyper-parameters handed to methods: CLI name -> method hp name. None on the CLI means "method default".
 METHOD_HP_FLAGS = {
@@ -280,7 +280,16 @@ def unlearn_and_evaluate(run: Run, model_path: str | Path | None = None, per_epo
 
     with warnings.catch_warnings():
         warnings.simplefilter("once")
-        outcome = run_unlearning(instance, hp.get("epochs", 1), on_epoch=epoch_hook, progress=run.progress)
+        try:
+            outcome = run_unlearning(instance, hp.get("epochs", 1), on_epoch=epoch_hook, progress=run.progress)
+        except DivergenceError as exc:  # keep the last finite weights (the driver restored them) before failing
+            if write_files:
+                target = (paths or result_paths(args))["checkpoint"]
+                atomic_torch_save(target, {**model_metadata(run, "unlearned", split_hash=run.split.hash,
+                                                            method=method.label, diverged_at_epoch=exc.epoch),
+                                           "state_dict": instance.evaluation_model().state_dict()})
+                exc.args = (f"{exc.args[0]}; last finite weights saved to {target}",)
+            raise
     final_model = instance.evaluation_model()
     evaluation = evaluate_model(final_model, run.splits)
     split_file = run.save_dir / f"split_{run.split.tag}.json"

@@ -663,7 +663,7 @@ def digits_noisy_run(tmp_path_factory, single_thread):
     return run
 
 
-@pytest.mark.parametrize("name", ["GA", "RL", "SalUn"])
+@pytest.mark.parametrize("name", ["GA", "RL", "SalUn", "NGPlus", "VarGrad"])
 def test_digits_defaults_lower_forget_accuracy(name, digits_noisy_run):
     from experiment import unlearn_and_evaluate
 

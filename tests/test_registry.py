@@ -50,3 +50,29 @@ def test_registry_names_and_errors():
         with pytest.raises(UserError, match=f"cannot be applied to {base}"):
             resolve_method(base, "prob")
     assert resolve_method("SRL", "focus").label == "SRL+focus"
+
+
+def test_classwise_retrain_forgets_the_class(tmp_path):
+    """Exact unlearning of a whole class: the retrained model never saw it, so forget accuracy is about 0."""
+    base = [a for a in ARGS if a not in ("-1", "40", "--num_indexes_to_replace")]
+    base[base.index("--class_to_replace") + 1:base.index("--class_to_replace") + 1] = ["3"]
+    args = parse_args([*base, "--save_dir", str(tmp_path), "--epochs", "5", "--width", "8"])
+    run = setup_run(args, need_forget=False)
+    train_reference(run, retrain=False)
+    args.unlearn = "retrain"
+    result = unlearn_and_evaluate(setup_run(args))
+    assert result["scenario"] == "classwise"
+    assert result["accuracy"]["forget"] < 5.0 and result["accuracy"]["retain"] > 50.0
+
+
+def test_diverging_method_stops_keeps_finite_weights_and_exits_non_zero(save_dir):
+    import torch
+    from conftest import run_script
+    args = [*ARGS, "--save_dir", str(save_dir), "--unlearn", "GA", "--unlearn_lr", "1e30", "--unlearn_epochs", "3"]
+    proc = run_script("main_forget.py", *args)
+    assert proc.returncode == 3
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "diverged at epoch" in lines[0] and "last finite weights saved" in lines[0]
+    payload = torch.load(save_dir / "GAcheckpoint.pth.tar", weights_only=True)
+    assert payload["diverged_at_epoch"] >= 1
+    assert all(torch.isfinite(v).all() for v in payload["state_dict"].values() if v.is_floating_point())
