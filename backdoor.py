@@ -34,7 +34,7 @@ from evaluation import predict, write_result
 from experiment import (Run, build_model, load_model, method_hyperparameters, model_metadata, setup_run,
                         unlearn_and_evaluate)
 from pipeline import add_forget_flags, file_lock, run_tags
-from tracking import NullRun
+from tracking import NullRun, ending, link_result
 from training import plot_history, train_model
 from unlearn import resolve_hyperparameters, resolve_method
 from utils import UserError, atomic_torch_save, device_name, set_seed, sha256_of_array
@@ -389,8 +389,7 @@ def run_backdoor_cell(args: argparse.Namespace, tracker=None, experiment_id: str
             handle.log_epoch(epoch, metrics)
             handle.log_metrics({k: metrics[k] for k in ("clean_acc_unlearn", "asr_unlearn")}, step=epoch)
 
-    status = "FAILED"
-    try:
+    with ending(handle):
         result = unlearn_and_evaluate(bd.poisoned, model_path=bd.model_path, per_epoch_eval=epoch_eval,
                                       on_epoch=on_epoch if epoch_eval else None, write_files=save_model,
                                       paths={"result": out_path, "checkpoint": checkpoint_path(args)},
@@ -406,17 +405,7 @@ def run_backdoor_cell(args: argparse.Namespace, tracker=None, experiment_id: str
                 handle.log_metrics({k: result[k] for k in ("clean_acc_unlearn", "asr_unlearn")},
                                    step=result["epochs_run"])
             handle.log_files(out_path, config=vars(args), split_file=Path(result["split_file"]))
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        handle.end(status)
-    if handle.record:  # say in the local file which tracked run holds this result
-        result["tracking"] = handle.record
-        write_result(out_path, result)
-    result["result_file"] = str(out_path)
-    return result
+    return link_result(handle, result, out_path)
 
 
 def run_backdoor_argv(argv: Sequence[str]) -> dict:

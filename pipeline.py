@@ -19,6 +19,7 @@ from arg_parser import parse_args
 from experiment import (Run, find_retrain_checkpoint, load_model, method_hyperparameters, original_checkpoint_path,
                         result_paths, retrain_checkpoint_path, setup_run, train_reference, unlearn_and_evaluate)
 from evaluation import build_result, evaluate_model, write_result
+from tracking import ending, link_result
 from unlearn import resolve_hyperparameters, resolve_method
 from utils import UserError, device_name, git_commit
 
@@ -186,8 +187,7 @@ def run_forget(args: argparse.Namespace, tracker, experiment_id: str | None = No
     def on_epoch(epoch: int, metrics: dict, stats: dict) -> None:
         handle.log_epoch(epoch, metrics)
 
-    status = "FAILED"
-    try:
+    with ending(handle):
         epoch_eval = not args.no_epoch_eval
         result = unlearn_and_evaluate(run, model_path=args.mask, per_epoch_eval=epoch_eval,
                                       on_epoch=on_epoch if epoch_eval else None, write_files=not args.no_save_model,
@@ -207,17 +207,7 @@ def run_forget(args: argparse.Namespace, tracker, experiment_id: str | None = No
                                      title=f"{run_name(args)} ({args.dataset}, {args.arch})")
         handle.log_files(result_path, config=vars(args), split_file=Path(result["split_file"]),
                          plots=[plot] if plot else [])
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        handle.end(status)
-    if handle.record:  # say in the local file which tracked run holds this result
-        result["tracking"] = handle.record
-        write_result(result_path, result)
-    result["result_file"] = str(result_path)
-    return result
+    return link_result(handle, result, result_path)
 
 
 def absolute(path: str | os.PathLike) -> str:

@@ -16,6 +16,7 @@ Conventions (LANDSCAPE.md §5.1):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -311,3 +312,28 @@ def log_result_run(tracker: MlflowTracker, experiment_id: str, name: str, result
 def _short(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+@contextlib.contextmanager
+def ending(handle):
+    """End a tracked run as FINISHED, KILLED (Ctrl-C) or FAILED, whatever happens inside the block."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        handle.end(status)
+
+
+def link_result(handle, result: dict, path: Path) -> dict:
+    """Say in the local result file which tracked run holds it (rewritten atomically); return the result."""
+    from evaluation import write_result
+
+    if handle.record:
+        result["tracking"] = handle.record
+        write_result(path, result)
+    result["result_file"] = str(path)
+    return result
