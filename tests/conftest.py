@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -25,3 +26,19 @@ def run_script(script: str, *args: str, cwd: Path | None = None, env: dict | Non
 @pytest.fixture
 def run():
     return run_script
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits, loaded once for the whole session."""
+    from dataset import load_dataset
+    return load_dataset("digits")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from threads, and timings stay steady on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,18 +31,6 @@ VARGRAD = ["--unlearn", "VarGrad", "--unlearn_lr", "0.003", "--unlearn_epochs", 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The trigger

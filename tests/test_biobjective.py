@@ -32,17 +32,9 @@ EXPECTED_ALIASES = {
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
+def _few_threads(one_thread):
     # Tiny models: threading only adds overhead (and noise on a shared machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return dataset.load_dataset("digits")
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,6 @@ from dataset import (SplitData, TensorLoader, crop_flip, load_dataset, make_spli
 from utils import UserError, make_generator
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
 def test_digits_shapes_and_range(digits):
     assert digits.train_images.shape[1:] == (1, 8, 8)
     assert digits.train_images.dtype == torch.float32
