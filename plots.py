@@ -1,34 +1,17 @@
 """Plots of unlearning runs and benchmark tables (matplotlib, Agg backend, written atomically as PNG)."""
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 
-from utils import atomic_write_bytes
+from utils import pyplot, save_figure
 
 CURVE_METRICS = (("UA", "UA (100 - forget acc.)"), ("RA", "RA (retain acc.)"), ("TA", "TA (test acc.)"),
                  ("MIA_efficacy", "MIA-Efficacy"))
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | Path) -> Path:
-    plt = _pyplot()
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _integer_epochs(*axes) -> None:
@@ -40,7 +23,7 @@ def _integer_epochs(*axes) -> None:
 
 def plot_epoch_curves(curves: list[dict], path: str | Path, title: str = "") -> Path:
     """One run: UA, RA, TA, MIA-Efficacy per unlearning epoch (left); Avg. Gap and kept fraction when known (right)."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [entry["epoch"] for entry in curves]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key, label in CURVE_METRICS:
@@ -60,7 +43,7 @@ def plot_epoch_curves(curves: list[dict], path: str | Path, title: str = "") -> 
     right.set_xlabel("unlearning epoch")
     _integer_epochs(left, right)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_tradeoff(points: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
@@ -68,7 +51,7 @@ def plot_tradeoff(points: dict[str, list[dict]], path: str | Path, title: str = 
     (mean over seeds, bars = std). Good methods sit low (forget like Retrain) and right (keep test accuracy).
 
     `points[scenario]` = [{"label", "TA", "TA_std", "gap", "gap_std", "reference": bool}, ...]."""
-    plt = _pyplot()
+    plt = pyplot()
     scenarios = list(points)
     fig, axes = plt.subplots(1, len(scenarios), figsize=(6.5 * len(scenarios), 5), squeeze=False)
     for ax, scenario in zip(axes[0], scenarios):
@@ -82,14 +65,14 @@ def plot_tradeoff(points: dict[str, list[dict]], path: str | Path, title: str = 
         ax.set_title(scenario)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_family_curves(curves: dict[str, dict[str, list[list[dict]]]], path: str | Path, title: str = "") -> Path:
     """Per-epoch UA and TA of the masking family (mean over seeds), one row per scenario.
 
     `curves[scenario][label]` = one list of per-epoch entries per seed."""
-    plt = _pyplot()
+    plt = pyplot()
     scenarios = list(curves)
     fig, axes = plt.subplots(len(scenarios), 2, figsize=(11, 3.8 * len(scenarios)), squeeze=False)
     for row, scenario in enumerate(scenarios):
@@ -107,4 +90,4 @@ def plot_family_curves(curves: dict[str, dict[str, list[list[dict]]]], path: str
         axes[row][1].legend(fontsize=7, ncol=2)
         _integer_epochs(*axes[row])
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dataset import SplitData, TensorLoader
-from utils import DivergenceError, Stopwatch, UserError, atomic_torch_save, load_checkpoint, make_generator
+from utils import (DivergenceError, Stopwatch, UserError, atomic_torch_save, load_checkpoint, make_generator,
+                   pyplot, save_figure, temporarily_eval)
 
 
 @dataclass
@@ -68,13 +69,11 @@ def make_optimizer(model: torch.nn.Module, recipe: TrainRecipe) -> torch.optim.S
 @torch.no_grad()
 def accuracy_of(model: torch.nn.Module, loader: TensorLoader) -> float:
     """Top-1 accuracy in % (eval mode, mode restored)."""
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    for x, y in loader:
-        correct += (model(x).argmax(1) == y).sum().item()
-        total += len(y)
-    model.train(was_training)
+    with temporarily_eval(model):
+        for x, y in loader:
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
     return 100.0 * correct / max(total, 1)
 
 
@@ -152,25 +151,12 @@ def train_model(model: torch.nn.Module, data: SplitData, recipe: TrainRecipe, se
 
 def plot_history(history: dict, path: str | Path, title: str = "") -> Path:
     """Training curve (loss and accuracies per epoch), written atomically as PNG."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from utils import atomic_write_bytes
-
     epochs = range(1, len(history["train_loss"]) + 1)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, history["train_loss"], label="train loss")
     ax_loss.set_xlabel("epoch"), ax_loss.set_ylabel("cross-entropy"), ax_loss.legend()
     ax_acc.plot(epochs, history["train_acc"], label="train acc")
     ax_acc.plot(epochs, history["val_acc"], label="val acc")
     ax_acc.set_xlabel("epoch"), ax_acc.set_ylabel("accuracy (%)"), ax_acc.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_figure(fig, path)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from evaluation.svc_mia import svc_mia
+from utils import temporarily_eval
 
 PARTS = ("retain", "forget", "val", "test")
 GAP_METRICS = ("UA", "RA", "TA", "MIA_efficacy")
@@ -19,13 +20,11 @@ GAP_METRICS = ("UA", "RA", "TA", "MIA_efficacy")
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels over an ordered loader, in eval mode (the model's mode is restored)."""
-    was_training = model.training
-    model.eval()
     logits, labels = [], []
-    for x, y in loader:
-        logits.append(model(x).float())
-        labels.append(y)
-    model.train(was_training)
+    with temporarily_eval(model):
+        for x, y in loader:
+            logits.append(model(x).float())
+            labels.append(y)
     if not logits:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(logits).cpu(), torch.cat(labels).cpu()

@@ -54,7 +54,6 @@ against one over φ_x under shadow models retrained without x ("retrained"); see
 """
 from __future__ import annotations
 
-import io
 import tempfile
 import time
 from dataclasses import dataclass
@@ -71,7 +70,7 @@ from evaluation.reference_models import (ReferenceConfig, ReferenceModels, Train
                                          ensure_reference_models, model_seeds, model_signals, npz_bytes, single_thread,
                                          train_models, training_split)
 from utils import (DivergenceError, UserError, atomic_write_bytes, load_checkpoint, make_generator, set_seed,
-                   sha256_of_array)
+                   pyplot, save_figure, sha256_of_array)
 
 MIA_CHOICES = ("svc", "lira", "rmia", "ulira", "all")
 ATTACKS_OF = {"svc": (), "lira": ("lira_online", "lira_offline"), "rmia": ("rmia",), "ulira": ("ulira",),
@@ -449,11 +448,7 @@ def evaluate_per_example_mia(mia: str, *, data: ImageData, split: Split, splits:
 def plot_roc(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: str | Path,
              method_label: str) -> Path:
     """Log-log ROC curves, one panel per attack (LiRA's presentation), written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = {"original": "original", "retrain": "Retrain", "method": method_label}
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 4), squeeze=False)
     for ax, (attack, by_target) in zip(axes[0], curves.items()):
@@ -465,8 +460,4 @@ def plot_roc(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: 
         ax.set_xlabel("false positive rate"), ax.set_ylabel("true positive rate")
         ax.set_title("U-LiRA: unlearned vs retrained" if attack == "ulira" else f"{attack}: forget vs test")
         ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_figure(fig, path)

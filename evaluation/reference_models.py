@@ -50,7 +50,8 @@ from dataset import ImageData, Split, SplitData, TensorLoader
 from evaluation.attacks import logit_confidence
 from models import create_model
 from training import TrainRecipe, train_model
-from utils import UserError, atomic_torch_save, atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_of_array
+from utils import (UserError, atomic_torch_save, atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_of_array,
+                   temporarily_eval)
 
 CACHE_SUBDIR = "ref_models"
 CACHE_VERSION = 1
@@ -239,10 +240,8 @@ def train_models(tasks: Sequence[TrainTask], pool: ImageData, config: ReferenceC
 def model_signals(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                   batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """(logit-scaled confidence φ, true-label probability) of every example, in eval mode (float64 numpy)."""
-    was_training = model.training
-    model.eval()
-    logits = [model(x).double() for x, _ in TensorLoader(images, labels, batch_size)]
-    model.train(was_training)
+    with temporarily_eval(model):
+        logits = [model(x).double() for x, _ in TensorLoader(images, labels, batch_size)]
     logits = torch.cat(logits) if logits else torch.empty(0, 2, dtype=torch.float64)
     phi = logit_confidence(logits, labels)
     prob = torch.softmax(logits, dim=1).gather(1, labels.long().view(-1, 1)).squeeze(1)
