@@ -12,17 +12,25 @@ new (--rerun recomputes). Tracked as one mlflow parent run with one nested child
 Per-method hyper-parameters: configs/benchmark_<dataset>.json (when present) and --grid FILE, both
 {"method or glob": {"unlearn_lr": [..], "unlearn_epochs": [..], "scenarios": {"classwise": {...}}}} (lists are
 expanded as a cartesian product).
+
+Exit status: 0 when the table holds a result for at least one method cell and no cell hit an unexpected error; 1 when a
+cell raised an unexpected error (a bug: see <out>/logs/) or when every method cell failed (nothing to compare); 2 for
+bad input (one line on stderr, before anything is trained or written). A killed tracked benchmark leaves its parent
+mlflow run RUNNING; the next invocation on the same --out marks it KILLED.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from arg_parser import OneLineErrorParser
 from dataset import list_datasets
 from models import list_models
-from sweep import CLASSWISE_CLASS, SCENARIOS, Settings, Sweep, load_settings_file
+from scenarios import SCENARIOS
+from scenarios.classwise import CLASSWISE_CLASS
+from sweep import Settings, Sweep, check_output_path, load_settings_file
 from utils import cli_main
 
 
@@ -91,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    check_output_path(args.out, "--out", directory=True)
+    if args.emit_commands:
+        check_output_path(args.emit_commands, "--emit-commands", directory=False)
     grid = load_settings_file(Path(args.grid), "--grid file") if args.grid else {}
     settings = Settings(
         datasets=args.datasets, archs=args.archs, scenarios=args.scenarios, methods=args.methods, seeds=args.seeds,
@@ -126,7 +137,12 @@ def main(argv=None) -> int:
           f"{settings.out / 'results.csv'}")
     for message in outcome.failed + outcome.errors:
         print(f"failed: {message}")
-    return 1 if outcome.errors else 0
+    if outcome.errors:
+        return 1
+    if not outcome.method_rows_with_results:
+        print(f"failed: no method cell has a result; see {settings.out / 'logs'}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

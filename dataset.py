@@ -4,7 +4,7 @@ Every dataset is held in memory as tensors (N, C, H, W): uint8 for the photograp
 `digits`. Normalisation lives inside the model, so loaders only scale to [0, 1] and augment. Splits are index-based
 (no label surgery): indices always refer to the dataset's own train or test arrays.
 
-The one consistent split (UPSTREAM.md §3.6): the train/val split is always drawn with split seed 1, the set every
+The one consistent split (docs/evaluation.md): the train/val split is always drawn with split seed 1, the set every
 original model is trained on, and the forget set is drawn from *that* training set with RandomState(seed - 1). So forget
 and retain are always subsets of the original model's training set, which fixes the upstream quirk where, for seeds
 other than 1, about 10 % of "forget" samples were never trained on. `split_mode="upstream"` reproduces the quirk.
@@ -157,20 +157,58 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"forbidden object {module}.{name} in a dataset file")
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as handle:
-        entry = _ArrayOnlyUnpickler(handle, encoding="latin1").load()
+CIFAR_IMAGE_BYTES = 3 * 32 * 32  # one row of a batch's "data": the R, G and B planes of a 32x32 image
+
+
+def _read_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file of the CIFAR python version: a pickled dict with "data" (N x 3072 uint8, CHW row-major) and
+    `label_key` (N class ids). Anything else (truncated, garbage, other keys or shapes) is a one-line UserError naming
+    the file, because a traceback from deep inside pickle or numpy does not say which file to replace."""
+    expected = (f"expected a pickled dict with 'data' (N x {CIFAR_IMAGE_BYTES} uint8 pixels) and '{label_key}' (N class "
+                f"ids in 0..{num_classes - 1})")
+
+    def refuse(reason: str) -> UserError:
+        return UserError(f"'{path}' is not in the CIFAR python format ({reason}); {expected}; re-extract the official "
+                         f"archive")
+
+    try:
+        with open(path, "rb") as handle:
+            entry = _ArrayOnlyUnpickler(handle, encoding="latin1").load()
+    except pickle.UnpicklingError as exc:
+        detail = " ".join(str(exc).split())[:120]
+        raise refuse(detail if detail.startswith("forbidden object") else f"unreadable pickle: {detail}") from exc
+    except EOFError as exc:
+        raise refuse("the file ends early: truncated") from exc
+    except Exception as exc:  # garbage bytes surface as many types (ValueError, IndexError, struct.error, ...)
+        raise refuse(f"unreadable pickle: {type(exc).__name__}") from exc
+    if not isinstance(entry, dict):
+        raise refuse(f"it holds a {type(entry).__name__}, not a dict")
     entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
-    images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # stored CHW row-major
-    labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
-    return images, labels
+    missing = [k for k in ("data", label_key) if k not in entry]
+    if missing:
+        found = ", ".join(sorted(map(str, entry))) or "none"
+        raise refuse(f"no {' or '.join(repr(k) for k in missing)} entry; keys found: {found}"[:200])
+    try:
+        images = np.asarray(entry["data"])
+        labels = np.asarray(entry[label_key])
+    except Exception as exc:
+        raise refuse(f"'data' or '{label_key}' is not an array") from exc
+    if images.ndim != 2 or images.shape[1] != CIFAR_IMAGE_BYTES or not np.issubdtype(images.dtype, np.integer):
+        raise refuse(f"'data' has shape {images.shape} and dtype {images.dtype}")
+    if images.size and (images.min() < 0 or images.max() > 255):
+        raise refuse("'data' has values outside 0..255")
+    if labels.ndim != 1 or len(labels) != len(images) or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+        raise refuse(f"'{label_key}' has shape {labels.shape} and dtype {labels.dtype} for {len(images)} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise refuse(f"'{label_key}' has class ids outside 0..{num_classes - 1}")
+    return images.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 _CIFAR = {
     "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
-                    classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+                    classes=10, label_key="labels", mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
                     archive="cifar-10-python.tar.gz", tv="CIFAR10"),
-    "cifar100": dict(folder="cifar-100-python", train=["train"], test=["test"], classes=100,
+    "cifar100": dict(folder="cifar-100-python", train=["train"], test=["test"], classes=100, label_key="fine_labels",
                      mean=(0.5071, 0.4866, 0.4409), std=(0.2673, 0.2564, 0.2762),
                      archive="cifar-100-python.tar.gz", tv="CIFAR100"),
 }
@@ -197,11 +235,8 @@ def _load_cifar(name: str, data_dir: Path, download: bool) -> ImageData:
             f"{name} files missing under '{folder}' ({', '.join(missing)}); extract {spec['archive']} "
             f"(https://www.cs.toronto.edu/~kriz/cifar.html) into '{data_dir}' or pass --data DIR"
         )
-    try:
-        train = [_read_cifar_batch(folder / f) for f in spec["train"]]
-        test = [_read_cifar_batch(folder / f) for f in spec["test"]]
-    except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
-        raise UserError(f"{name} files under '{folder}' are not in the CIFAR python format ({exc})") from exc
+    train = [_read_cifar_batch(folder / f, spec["label_key"], spec["classes"]) for f in spec["train"]]
+    test = [_read_cifar_batch(folder / f, spec["label_key"], spec["classes"]) for f in spec["test"]]
     return ImageData(
         name=name,
         train_images=torch.from_numpy(np.concatenate([t[0] for t in train])),
@@ -298,7 +333,7 @@ class Split:
 
 
 def train_val_split(labels: np.ndarray, num_classes: int, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per class, draw int(10 % of its samples) for validation (UPSTREAM.md §3.3); train = the rest, ascending."""
+    """Per class, draw int(10 % of its samples) for validation, as upstream does; train = the rest, ascending."""
     rng = np.random.RandomState(split_seed)
     val = [rng.choice(np.flatnonzero(labels == c), int(VAL_FRACTION * np.sum(labels == c)), replace=False)
            for c in range(num_classes)]

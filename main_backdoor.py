@@ -13,26 +13,22 @@ file does not exist. Writes {save_dir}/{unlearn}backdoor_result.json (or --resul
 {save_dir}/{unlearn}backdoor_checkpoint.pth.tar (not with --no-save-model). Tracked with mlflow only with --track or
 when MLFLOW_TRACKING_URI is set (experiment '<dataset>-backdoor' unless --experiment).
 """
-from backdoor import (check_backdoor_inputs, experiment_name, format_backdoor_line, parse_backdoor_args,
-                      run_backdoor_cell, tracking_enabled)
-from unlearn import list_methods
+from arg_parser import parse_config
+from scenarios.backdoor import experiment_name, format_backdoor_line, run_backdoor, setup_backdoor
 from utils import cli_main
 
 
 def main(argv=None) -> int:
-    args = parse_backdoor_args(argv, description=__doc__)
-    if args.list_methods:
-        print("\n".join(list_methods()))
-        return 0
-    args, data = check_backdoor_inputs(args)  # bad input fails here, before anything is written or tracked
+    config = parse_config(argv, "main_backdoor.py", __doc__)
+    bd = setup_backdoor(config)  # bad input fails here, before anything is written or tracked
     tracker = experiment_id = None
-    if tracking_enabled(args):
+    if config.tracking.enabled:
         from tracking import open_tracker
 
-        tracker, experiment_id = open_tracker(experiment_name(args))
-    result = run_backdoor_cell(args, tracker, experiment_id, data=data)
+        tracker, experiment_id = open_tracker(experiment_name(config))
+    result = run_backdoor(bd, tracker, experiment_id)
     where = f"; mlflow run {result['tracking']['run_id']} at {tracker.uri}" if result.get("tracking") else ""
-    print(f"{args.unlearn}: {format_backdoor_line(result)} -> {result['result_file']}{where}")
+    print(f"{config.method.name}: {format_backdoor_line(result)} -> {result['result_file']}{where}")
     return 0
 
 

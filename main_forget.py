@@ -5,30 +5,17 @@
         --arch resnet18 --epochs 100 --num_indexes_to_replace 450 --beta 0.9 --quantile 0.55 --class_to_replace -1
 Writes {save_dir}/{unlearn}eval_result.json and {save_dir}/{unlearn}checkpoint.pth.tar.
 """
-from arg_parser import parse_args
-from experiment import format_result_line, result_paths, setup_run, unlearn_and_evaluate
-from unlearn import METHODS, ALIASES, list_methods
+from arg_parser import parse_config
+from pipeline import paths
+from pipeline.runs import forget
+from pipeline.stages import format_result_line
 from utils import cli_main
 
 
-def print_methods() -> None:
-    for name in list_methods():
-        if name in ALIASES:
-            alias = ALIASES[name]
-            target = alias.base + (f" + {alias.grad_mask}" if alias.grad_mask else "")
-            print(f"{name:18s} = {target}  {alias.summary}")
-        else:
-            print(f"{name:18s} {METHODS[name].summary}")
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv, description=__doc__)
-    if args.list_methods:
-        print_methods()
-        return 0
-    run = setup_run(args)
-    result = unlearn_and_evaluate(run)
-    print(f"{args.unlearn}: {format_result_line(result)} -> {result_paths(args)['result']}")
+    config = parse_config(argv, "main_forget.py", __doc__)
+    result = forget(config)
+    print(f"{config.method.name}: {format_result_line(result)} -> {paths.forget_result(config)}")
     return 0
 
 

@@ -10,24 +10,26 @@ Retrain reference of the split. Tracking: MLFLOW_TRACKING_URI, else sqlite:///ml
 '<dataset>-<scenario>' unless --experiment; `mlflow ui --backend-store-uri sqlite:///mlflow.db` to browse.
 The result JSON ({save_dir}/{unlearn}eval_result.json, or --result_json) is written whatever happens to tracking.
 """
-from experiment import format_result_line
-from pipeline import experiment_name, parse_forget_args, run_forget
-from tracking import NullTracker, open_tracker
+from arg_parser import parse_config
+from pipeline.runs import experiment_name, tracked_forget
+from pipeline.stages import format_result_line, prepare
 from utils import cli_main
 
 
 def main(argv=None) -> int:
-    args = parse_forget_args(argv, description=__doc__)
-    if args.list_methods:
-        from main_forget import print_methods
+    config = parse_config(argv, "mlflow_forget.py", __doc__)
+    prepared = prepare(config)  # data and forget set checked before the tracking backend and any training
+    if config.tracking.enabled:
+        from tracking import open_tracker
 
-        print_methods()
-        return 0
-    # The backend is checked before anything is trained or written.
-    tracker, experiment_id = open_tracker(experiment_name(args)) if args.track else (NullTracker(), None)
-    result = run_forget(args, tracker, experiment_id)
+        tracker, experiment_id = open_tracker(experiment_name(config))
+    else:
+        from tracking import NullTracker
+
+        tracker, experiment_id = NullTracker(), None
+    result = tracked_forget(config, tracker, experiment_id, p=prepared)
     where = f"; mlflow run {result['tracking']['run_id']} at {tracker.uri}" if result.get("tracking") else ""
-    print(f"{args.unlearn}: {format_result_line(result)} -> {result['result_file']}{where}")
+    print(f"{config.method.name}: {format_result_line(result)} -> {result['result_file']}{where}")
     return 0
 
 

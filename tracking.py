@@ -1,6 +1,6 @@
 """Experiment tracking with mlflow. The only module that imports mlflow (models/, unlearn/, evaluation/ never do).
 
-Conventions (LANDSCAPE.md §5.1):
+Conventions:
 * Backend: `MLFLOW_TRACKING_URI` when set (a remote `mlflow server` works), else SQLite `sqlite:///mlflow.db` in the
   working directory. A relative SQLite path is made absolute, so every process of a sweep writes the same database.
 * A run: params = every argument (plus `hp.*`, the method's resolved hyper-parameters); per-epoch metrics with
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
 
-from utils import UserError, to_jsonable
+from utils import UserError, file_lock, to_jsonable
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SCALAR_METRICS = ("UA", "RA", "TA", "MIA_efficacy", "rUA", "agreement", "avg_gap", "RTE_seconds")
@@ -49,6 +49,14 @@ def tracking_uri(environ: dict | None = None) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
         uri = prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
     return uri
+
+
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for other backends and in-memory databases)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or ":memory:" in uri:
+        return None
+    return Path(uri[len(prefix):].split("?", 1)[0])
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
@@ -174,7 +182,12 @@ class MlflowTracker:
         self.uri = uri
         self.broken: str | None = None
         try:
-            self.client = MlflowClient(tracking_uri=uri)
+            # Opening a SQLite store creates and migrates the database when it is new. Two processes doing that at once
+            # (the first jobs of a sweep on a fresh database) interleave their migrations and leave the database
+            # half-migrated for good, so the first opening is serialised; once migrated, opening only reads the schema.
+            database = sqlite_database(uri)
+            with file_lock(database) if database is not None else contextlib.nullcontext():
+                self.client = MlflowClient(tracking_uri=uri)
         except Exception as exc:  # mlflow raises many types for bad URIs and stores
             raise UserError(f"cannot open the mlflow tracking backend {uri} ({_short(exc)}); set MLFLOW_TRACKING_URI "
                             f"or pass --no-track") from None
@@ -197,6 +210,30 @@ class MlflowTracker:
         except Exception as exc:
             raise UserError(f"cannot use the mlflow tracking backend {self.uri} ({_short(exc)}); fix "
                             f"MLFLOW_TRACKING_URI or pass --no-track") from None
+
+    def end_stale_runs(self, experiment_id: str, tag_key: str, tag_value: str, status: str = "KILLED") -> int:
+        """Mark every RUNNING run of the experiment whose tag `tag_key` equals `tag_value` as `status`; return how many.
+
+        A process that is killed (SIGKILL, a lost node) cannot end its runs, which then show as running forever; a new
+        invocation calls this for the runs only it could have started (e.g. a sweep's parent runs, by their tag)."""
+        if status not in ("KILLED", "FAILED", "FINISHED"):
+            raise ValueError(f"status {status!r}; allowed: KILLED, FAILED, FINISHED")
+        ended, page_token = 0, None
+        while True:
+            # The tag is matched here rather than in the filter string, so any tag value works without quoting rules.
+            page = self.guard("search runs", self.client.search_runs, [experiment_id],
+                              filter_string="attributes.status = 'RUNNING'", max_results=1000, page_token=page_token)
+            if page is None:
+                return ended
+            for stale in page:
+                if stale.data.tags.get(tag_key) == tag_value:
+                    self.guard("end stale run", self.client.set_terminated, stale.info.run_id, status)
+                    if self.broken:
+                        return ended
+                    ended += 1
+            page_token = page.token
+            if not page_token:
+                return ended
 
     def guard(self, what: str, call, *args, **kwargs):
         """Run one tracking call; the first failure is reported in one line and stops tracking in this process."""

@@ -4,14 +4,18 @@ SGD with momentum and weight decay, step decay (MultiStepLR semantics: lr * 0.1^
 optional linear warm-up, best-by-validation copy, and an exact resume: the last checkpoint holds the model, the optimiser
 state, the epoch, the history and the state of the run-owned shuffling generator, so a resumed run ends with the same
 weights as an uninterrupted one.
+
+A rolling checkpoint also records the settings it was trained with (the caller's metadata, the recipe, the shuffling
+seed, the dataset, the trained samples and the augmentation). A resume continues only a checkpoint whose settings equal the requested ones: continuing
+another dataset's or another recipe's run would silently produce a model that claims settings it was not trained with.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dataset import SplitData, TensorLoader
 from utils import (DivergenceError, Stopwatch, UserError, atomic_torch_save, load_checkpoint, make_generator,
-                   pyplot, save_figure, temporarily_eval)
+                   pyplot, save_figure, sha256_of_array, temporarily_eval, to_jsonable)
 
 
 @dataclass
@@ -59,7 +63,48 @@ class TrainResult:
     best_epoch: int
     best_val: float
     history: dict = field(default_factory=dict)  # lists per epoch: train_loss, train_acc, val_acc, lr
-    seconds: float = 0.0
+    seconds: float = 0.0            # training time of all epochs, including those before an interruption
+
+
+# Metadata keys that describe the circumstances of a run rather than what is trained: a resume may differ in them.
+VOLATILE_METADATA_KEYS = frozenset({"torch_version", "git_commit", "device", "hostname"})
+NOT_RECORDED = "<not recorded>"
+
+
+def resume_settings(metadata: dict | None, recipe: TrainRecipe, seed: int, part: str,
+                    data: SplitData) -> dict[str, Any]:
+    """Everything a rolling checkpoint must match to be resumed, in the order they are compared: every non-volatile
+    key of the caller's metadata, then what this function sees itself (so a caller that forgets a key is still
+    guarded): every recipe field as `recipe.<field>`, the shuffling seed, the trained part, the dataset, a hash of the
+    trained sample indices and the augmentation. Plain JSON values, so a recorded tuple equals a requested list."""
+    settings = {k: v for k, v in to_jsonable(dict(metadata or {})).items() if k not in VOLATILE_METADATA_KEYS}
+    settings.update({f"recipe.{k}": v for k, v in to_jsonable(asdict(recipe)).items()})
+    settings.update({
+        "shuffle_seed": int(seed), "train_part": part, "train_dataset": data.data.name,
+        "train_indices": sha256_of_array(getattr(data.split, part)),
+        "train_augment": data.data.augment if data.augment else "none",
+    })
+    return settings
+
+
+def check_resumable(path: str | Path, requested: dict[str, Any]) -> dict:
+    """Load the rolling checkpoint at `path` and return it when it may be resumed with the `requested` settings
+    (`resume_settings`); otherwise a one-line UserError naming the first differing setting and both values. Reads
+    only: nothing is written or removed, so a refused resume leaves every file as it was."""
+    state = load_checkpoint(path)
+    if not all(k in state for k in ("optimizer", "generator", "epoch", "history")):
+        raise UserError(f"'{path}' is not a resumable training checkpoint (no optimizer/generator state); "
+                        f"run without --resume to train from scratch")
+    recorded = state.get("resume_settings")
+    if not isinstance(recorded, dict):
+        raise UserError(f"cannot resume from '{path}': it does not record the settings it was trained with (written by "
+                        f"an older version), so it cannot be checked against this run; run without --resume")
+    for key, want in requested.items():
+        have = recorded.get(key, NOT_RECORDED)
+        if have != want:
+            raise UserError(f"cannot resume from '{path}': it was trained with {key}={have!r} but this run requests "
+                            f"{key}={want!r}; resume with the same settings, or run without --resume to start over")
+    return state
 
 
 def make_optimizer(model: torch.nn.Module, recipe: TrainRecipe) -> torch.optim.SGD:
@@ -100,23 +145,31 @@ def train_model(model: torch.nn.Module, data: SplitData, recipe: TrainRecipe, se
                 desc: str = "train") -> TrainResult:
     """Train `model` on `data.<part>` with `recipe`; shuffles and augmentation draw from a generator seeded by `seed`.
 
-    When `last_checkpoint` is given it is rewritten (atomically) after every epoch, and `resume=True` continues from it.
-    `on_epoch(epoch, stats)` receives 1-based epochs and the stats of that epoch.
+    When `last_checkpoint` is given it is rewritten (atomically) after every epoch together with `metadata` and the
+    settings of `resume_settings`; `resume=True` continues from it when those settings equal this call's (otherwise a
+    UserError, raised before anything is trained or written). `on_epoch(epoch, stats)` receives 1-based epochs and the
+    stats of that epoch. `TrainResult.seconds` counts the epochs before an interruption too.
     """
+    settings = resume_settings(metadata, recipe, seed, part, data)
     generator = make_generator(seed)
     optimizer = make_optimizer(model, recipe)
     history = {"train_loss": [], "train_acc": [], "val_acc": [], "lr": []}
     best_state, best_val, best_epoch, start_epoch = copy.deepcopy(model.state_dict()), -1.0, 0, 0
+    seconds_before = 0.0  # training time spent before an interruption
     if resume and last_checkpoint and Path(last_checkpoint).is_file():
-        state = load_checkpoint(last_checkpoint)
-        if "optimizer" not in state or "generator" not in state:
-            raise UserError(f"'{last_checkpoint}' is not a resumable training checkpoint (no optimizer/generator state)")
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = check_resumable(last_checkpoint, settings)
+        try:
+            model.load_state_dict(state["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"cannot resume from '{last_checkpoint}': its weights do not fit this model "
+                            f"({first[:150]}); run without --resume to start over") from exc
         generator.set_state(state["generator"])
         history = {k: list(v) for k, v in state["history"].items()}
         best_state, best_val, best_epoch = state["best_state_dict"], state["best_val"], state["best_epoch"]
         start_epoch = int(state["epoch"])
+        seconds_before = float(state.get("elapsed_seconds", 0.0))
         print(f"resuming {desc} from epoch {start_epoch} of {recipe.epochs} ({last_checkpoint})")
 
     train_loader = data.train_loader(part, generator, batch_size=recipe.batch_size)
@@ -139,14 +192,15 @@ def train_model(model: torch.nn.Module, data: SplitData, recipe: TrainRecipe, se
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1f}", val=f"{val_acc:.1f}")
         if last_checkpoint:
             atomic_torch_save(last_checkpoint, {
-                **(metadata or {}), "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "epoch": epoch + 1, "history": history,
-                "best_state_dict": best_state, "best_val": best_val, "best_epoch": best_epoch,
+                **(metadata or {}), "resume_settings": settings, "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "epoch": epoch + 1,
+                "history": history, "best_state_dict": best_state, "best_val": best_val, "best_epoch": best_epoch,
+                "elapsed_seconds": seconds_before + watch.seconds,
             })
         if on_epoch:
             on_epoch(epoch + 1, {"train_loss": loss, "train_acc": acc, "val_acc": val_acc, "lr": recipe.lr_at(epoch)})
     return TrainResult(model=model, best_state=best_state, best_epoch=best_epoch, best_val=best_val, history=history,
-                       seconds=watch.seconds)
+                       seconds=seconds_before + watch.seconds)
 
 
 def plot_history(history: dict, path: str | Path, title: str = "") -> Path:

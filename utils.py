@@ -108,11 +108,25 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return directory
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the kernel reports it (Linux), so threads never race."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere the only portable read is set-and-restore
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600 whatever the umask; results must get the mode any new file would get (0644
+        # under umask 022), or collaborators and sweep workers under another account cannot read them.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -174,6 +188,29 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+@contextlib.contextmanager
+def file_lock(target: str | os.PathLike) -> Iterator[None]:
+    """An exclusive POSIX lock on the hidden file `.<name>.lock` next to `target` (lockf also works on NFS, where
+    sweeps often run).
+
+    The lock file is removed on release, so a process that arrives later may lock a fresh file while a waiter still
+    holds the old one: the work done under the lock must be idempotent, i.e. every holder re-checks the state of
+    `target` after acquiring (trained already? database migrated already?) and skips what is done.
+    """
+    import fcntl
+
+    target = Path(target)
+    lock_path = target.with_name(f".{target.name}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+            fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

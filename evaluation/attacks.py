@@ -34,7 +34,7 @@ from scipy.stats import rankdata
 
 from utils import UserError
 
-# The low-FPR operating points LiRA argues should be reported (LANDSCAPE §3.6); keys of `attack_summary`.
+# The low-FPR operating points LiRA argues attacks should be judged by; keys of `attack_summary`.
 SUMMARY_FPRS = {"tpr@1%fpr": 0.01, "tpr@0.1%fpr": 0.001}
 # Relative floor on fitted standard deviations: a zero-spread fit (identical reference signals) must not divide by 0.
 SIGMA_FLOOR_RELATIVE = 1e-6
@@ -206,7 +206,7 @@ def balanced_accuracy_best_threshold(scores, is_member) -> tuple[float, float]:
 
 
 def attack_summary(scores, is_member) -> dict[str, float]:
-    """The numbers every attack reports (LANDSCAPE §3.6), as plain floats:
+    """The numbers every attack reports (docs/attacks.md), as plain floats:
     {"auc", "tpr@1%fpr", "tpr@0.1%fpr", "balanced_accuracy"} — see `roc_auc`, `tpr_at_fpr`,
     `balanced_accuracy_best_threshold`."""
     s, y = _scores_and_labels(scores, is_member)
@@ -313,7 +313,7 @@ def lira_online(target_phi, in_phis, out_phis, in_mask, fixed_variance: bool = F
     probability 2^(1−K)).
 
     Returns: float64 array (n,), higher = more likely member. The mean is used where the reference code takes a
-    median; medians differ only under outliers.
+    median; medians differ only under outliers. The measured effect of each such difference is in docs/attacks.md.
     """
     target, (ins, outs) = _reference_matrices(target_phi, [("in_phis", in_phis), ("out_phis", out_phis)])
     if ins.shape != outs.shape:
@@ -345,6 +345,9 @@ def lira_offline(target_phi, out_phis, out_mask, fixed_variance: bool = False) -
     saturate at 1.0 for z > 8, where Φ would turn strong members into ties. σ_out follows the rules of `lira_online`
     (per example, or one global σ with fixed_variance; examples with one OUT value use the global σ; floor 1e-6 ×
     spread).
+
+    The reference code instead scores the two-sided −log N(φ; μ_out, σ_out²), which also calls examples far below the
+    OUT mean members; docs/attacks.md measures the difference.
 
     Returns: float64 array (n,) of values <= 0, higher = more likely member.
     """

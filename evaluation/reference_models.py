@@ -1,6 +1,6 @@
 """Reference (shadow) models for the per-example membership-inference attacks, trained once and cached on disk.
 
-Design (LiRA's, Carlini et al. 2022, adapted to unlearning; LANDSCAPE §3.2–3.6):
+Design (LiRA's, Carlini et al. 2022, adapted to unlearning; docs/attacks.md):
 
 * **Candidate pool.** The examples the attacks ask about are the forget set (members of the original model, a subset
   of its training split `split.train`) and held-out test samples (non-members). Online LiRA needs, for *every*

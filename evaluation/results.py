@@ -1,4 +1,4 @@
-"""The result JSON every evaluating script writes (schema of the foundations issue), written atomically."""
+"""The result JSON every evaluating script writes (its keys are described in docs/evaluation.md), written atomically."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""SVC membership inference of Unlearn-Sparse / SalUn (UPSTREAM.md §7.2), with the modified entropy computed correctly.
+"""SVC membership inference of Unlearn-Sparse / SalUn, with Song and Mittal's modified entropy computed correctly
+(upstream's expression differs; docs/evaluation.md and docs/attacks.md).
 
 Five features per sample, one RBF-SVC attacker each (C=3, gamma="auto"), fit on shadow members (label 1) and shadow
 non-members (label 0). The output per feature is the mean over the non-empty target sets of (fraction of target

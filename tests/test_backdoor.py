@@ -1,4 +1,5 @@
-"""Tests of the backdoor experiment (`backdoor.py`, `main_backdoor.py`; UPSTREAM.md §8, §10 item 16).
+"""Tests of the backdoor experiment (`backdoor.py`, `main_backdoor.py`), including its ASR convention and the
+--paper_era one (docs/upstream.md).
 
 The end-to-end tests run for real on plain `digits` (8x8; digits_noisy was not needed): the default 2x2 trigger sits at
 rows/cols 4..5, which are all black in only 0.3 % of the clean training images, so the black patch is a distinctive
@@ -20,7 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import backdoor as bd
+import scenarios.backdoor as bd
 from dataset import load_dataset, make_split, to_unit_float
 from utils import UserError, atomic_torch_save, load_checkpoint
 
@@ -111,8 +112,18 @@ def test_unknown_layout_and_wrong_rank_are_rejected():
 # Poisoning and the attack success rate
 # ---------------------------------------------------------------------------------------------------------------------
 
+def parse_backdoor_args(argv):
+    from arg_parser import parse_config
+
+    return parse_config(argv, "main_backdoor.py")
+
+
+def run_backdoor_cell(config):
+    return bd.run_backdoor(bd.setup_backdoor(config))
+
+
 def _args(tmp_path, *extra):
-    return bd.parse_backdoor_args([*RECIPE, "--save_dir", str(tmp_path / "out"), *extra])
+    return parse_backdoor_args([*RECIPE, "--save_dir", str(tmp_path / "out"), *extra])
 
 
 def test_poisoned_samples_are_the_forget_selection_with_trigger_and_target(tmp_path, digits):
@@ -191,8 +202,8 @@ def test_asr_leaves_out_the_target_class_unless_paper_era(tmp_path):
 
 
 def test_paper_era_keeps_the_consistent_split(tmp_path):
-    args, _ = bd.check_backdoor_inputs(_args(tmp_path, "--paper_era"))
-    assert args.paper_era and args.split == "consistent"
+    config = _args(tmp_path, "--paper_era")
+    assert config.method.paper_era and config.data.split_mode == "consistent"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -256,7 +267,7 @@ def test_masked_method_removes_the_backdoor_without_retraining(ft_run, one_threa
     assert proc.returncode == 0, proc.stderr[-2000:]
     model_path = next(save_dir.glob("*_backdoor_*model_SA_best.pth.tar"))
     stamp = model_path.stat().st_mtime_ns
-    result = bd.run_backdoor_cell(bd.parse_backdoor_args([*RECIPE, *VARGRAD, "--save_dir", str(save_dir)]))
+    result = run_backdoor_cell(parse_backdoor_args([*RECIPE, *VARGRAD, "--save_dir", str(save_dir)]))
     assert model_path.stat().st_mtime_ns == stamp and not result["backdoor_model"]["trained_now"]
     assert result["method"] == "NGPlus+prob" and result["hyperparameters"]["grad_mask"] == "prob"
     assert result["asr"] >= 80.0 and result["clean_acc"] >= 90.0
@@ -270,12 +281,12 @@ def test_a_mask_from_another_poisoning_or_a_clean_model_is_refused(ft_run, tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     model_path = next(save_dir.glob("*_backdoor_*model_SA_best.pth.tar"))
     with pytest.raises(UserError, match="poisoned differently"):
-        bd.run_backdoor_cell(bd.parse_backdoor_args([*RECIPE, *FT, "--class_to_replace", "1", "--save_dir",
+        run_backdoor_cell(parse_backdoor_args([*RECIPE, *FT, "--class_to_replace", "1", "--save_dir",
                                                      str(tmp_path), "--mask", str(model_path)]))
     clean = {**load_checkpoint(model_path), "kind": "original"}
     atomic_torch_save(tmp_path / "clean.pth.tar", clean)
     with pytest.raises(UserError, match="not a backdoored one"):
-        bd.run_backdoor_cell(bd.parse_backdoor_args([*RECIPE, *FT, "--save_dir", str(tmp_path), "--mask",
+        run_backdoor_cell(parse_backdoor_args([*RECIPE, *FT, "--save_dir", str(tmp_path), "--mask",
                                                      str(tmp_path / "clean.pth.tar")]))
     assert not list(tmp_path.glob("*result.json"))
 
@@ -340,7 +351,8 @@ def test_benchmark_backdoor_scenario_table(ft_run, run, tmp_path):
               "--width", "8", "--grid", str(tmp_path / "grid.json"), "--out", str(tmp_path / "out"), "--no-track",
               "--no-progress"]
     # The cells: no original / Retrain references; an emitted command line runs main_backdoor.py.
-    from sweep import SCENARIOS, Settings, build_cells, command_line
+    from scenarios import SCENARIOS
+    from sweep import Settings, build_cells, command_line
 
     settings = Settings(datasets=["digits"], archs=["resnet18"], scenarios=["backdoor"], methods=["VarGrad", "FT"],
                         seeds=[1, 2], out=tmp_path / "out", epochs=15, width=8)

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 import dataset
 from models import create_model, get_classifier
-from unlearn import ALIASES, UnlearnContext, resolve_hyperparameters, resolve_method, run_unlearning
+from unlearn import (ALIASES, UnlearnContext, declared_flags, method_hparams, resolve_hyperparameters, resolve_method,
+                     run_unlearning)
+from unlearn import common
 from unlearn import one_shot as os_
 from unlearn import sgd_baselines as sb
 from utils import DivergenceError, UserError, make_generator
@@ -62,11 +64,20 @@ def class_data(digits):
     return dataset.SplitData(digits, dataset.make_split(digits, 3, None, seed=1), batch_size=32)
 
 
-def build(name, model, data, user=None, dataset_name=None, artifacts=None, seed=0):
+def as_flags(values):
+    """{hp name: value} -> {flag: value} (one flag per name across the registry)."""
+    flag_of = {hp.name: flag for flag, hp in declared_flags().items()}
+    return {flag_of[name]: value for name, value in values.items()}
+
+
+def build(name, model, data, user=None, dataset_name=None, artifacts=None, seed=0, paper_era=False, forced=None):
+    """`user`: explicit values by hp name; `forced`: values set after resolution, past its checks (lr 0, lr inf)."""
     resolved = resolve_method(name)
-    hp = resolve_hyperparameters(resolved, dict(user or {}), dataset_name)
+    hp = resolve_hyperparameters(resolved, as_flags(user or {}), dataset_name, paper_era=paper_era,
+                                 recipe={"batch_size": data.batch_size})
+    hp.update(forced or {})
     ctx = UnlearnContext(model=model, data=data, generator=make_generator(seed), hp=hp, artifacts_dir=artifacts,
-                         progress=False, log=lambda message: None)
+                         progress=False, log=lambda message: None, paper_era=paper_era)
     return resolved.cls(ctx)
 
 
@@ -121,10 +132,14 @@ def test_aliases_resolve_to_their_bases():
 
 def test_every_method_documents_name_summary_and_defaults():
     for name in ALL:
-        cls = resolve_method(name).cls
+        resolved = resolve_method(name)
+        cls = resolved.cls
         assert cls.name and cls.summary and cls.__doc__
-        assert "epochs" in cls.defaults and ("lr" in cls.defaults or cls.one_shot)
-        assert set(cls.dataset_defaults) == {"digits", "digits_noisy"}
+        names = {hp.name for hp in method_hparams(resolved)}
+        assert cls.one_shot or {"lr", "epochs"} <= names
+        tuned = {hp.name for hp in method_hparams(resolved) if set(hp.dataset_defaults) >= {"digits", "digits_noisy"}
+                 and not hp.recipe}
+        assert tuned, f"{name} has no digits defaults"
 
 
 def test_ft_and_ga_refuse_gradient_masks_with_a_reason():
@@ -138,16 +153,19 @@ def test_ft_and_ga_refuse_gradient_masks_with_a_reason():
 def test_hyperparameter_precedence_defaults_dataset_alias_user():
     resolved = resolve_method("GA")
     assert resolve_hyperparameters(resolved, {})["lr"] == 1e-4
-    digits_lr = resolve_method("GA").cls.dataset_defaults["digits_noisy"]["lr"]
-    assert resolve_hyperparameters(resolved, {"lr": None}, "digits_noisy")["lr"] == digits_lr
-    assert resolve_hyperparameters(resolved, {"lr": 0.5}, "digits_noisy")["lr"] == 0.5
+    digits_lr = next(hp for hp in resolved.cls.hparams if hp.name == "lr").dataset_defaults["digits_noisy"]
+    assert digits_lr != 1e-4
+    assert resolve_hyperparameters(resolved, {"unlearn_lr": None}, "digits_noisy")["lr"] == digits_lr
+    assert resolve_hyperparameters(resolved, {"unlearn_lr": 0.5}, "digits_noisy")["lr"] == 0.5
     assert resolve_hyperparameters(resolved, {}, "cifar10")["lr"] == 1e-4
 
 
 @pytest.mark.parametrize("name,epochs", [("GA", 3), ("BE", 1), ("BE", 3)])
 def test_divergence_restores_the_last_finite_weights(name, epochs, random_data):
     model = tiny()
-    method = build(name, model, random_data, {"epochs": epochs, "lr": 1e30 if name == "GA" else float("inf")})
+    # lr inf is refused by the resolution (a finite number is required), so it is set past it.
+    method = build(name, model, random_data, {"epochs": epochs},
+                   forced={"lr": 1e30 if name == "GA" else float("inf")})
     with pytest.raises(DivergenceError):
         run_unlearning(method, epochs, progress=False)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
@@ -175,7 +193,7 @@ def test_optimizer_and_multistep_schedule(random_data):
         sched.step()
     assert lrs == pytest.approx(expected)
     with pytest.raises(UserError, match="decreasing_lr"):
-        sb.parse_milestones("3,x")
+        build("FT", tiny(), random_data, {"decreasing_lr": "3,x"})
 
 
 def test_augmentation_policy(random_data):
@@ -204,14 +222,14 @@ def test_methods_train_in_train_mode(random_data):
 def test_rl_wrong_labels_never_equal_true_labels_and_cover_all_others():
     gen = make_generator(0)
     y = torch.arange(C).repeat(500)
-    fake = sb.random_labels(y, C, "wrong", gen)
+    fake = common.wrong_labels(y, C, gen)
     assert not bool((fake == y).any())
     assert ((fake >= 0) & (fake < C)).all()
     for cls in range(C):  # every other class is reachable
         assert set(fake[y == cls].tolist()) == set(range(C)) - {cls}
-    uniform = sb.random_labels(y, C, "uniform", make_generator(0))
+    uniform = common.uniform_labels(y, C, make_generator(0))
     assert bool((uniform == y).any())  # upstream's labels can equal the true one
-    assert torch.equal(sb.random_labels(y, C, "wrong", make_generator(5)), sb.random_labels(y, C, "wrong", make_generator(5)))
+    assert torch.equal(common.wrong_labels(y, C, make_generator(5)), common.wrong_labels(y, C, make_generator(5)))
 
 
 @pytest.mark.parametrize("schedule", ["mixed", "sequential"])
@@ -265,8 +283,9 @@ def test_ft_l1_alpha_schedule_values(random_data):
 
 def test_ft_l1_adds_the_l1_norm_of_all_parameters_to_the_loss(random_data):
     model = tiny()
-    plain = build("FT", copy.deepcopy(model), random_data, {"epochs": 1, "lr": 0.0})
-    sparse = build("FT_l1", copy.deepcopy(model), random_data, {"epochs": 1, "lr": 0.0, "alpha": 0.01})
+    # lr 0 is refused by the resolution (lr > 0), so it is set past it: the weights must stay put here.
+    plain = build("FT", copy.deepcopy(model), random_data, {"epochs": 1}, forced={"lr": 0.0})
+    sparse = build("FT_l1", copy.deepcopy(model), random_data, {"epochs": 1, "alpha": 0.01}, forced={"lr": 0.0})
     l1 = sum(p.abs().sum().item() for p in model.parameters())
     losses = []
     for method in (plain, sparse):
@@ -310,14 +329,14 @@ def test_forget_saliency_is_the_abs_summed_forget_gradient_in_eval_mode(random_d
 def test_mask_file_round_trip_in_both_formats(tmp_path):
     model = tiny()
     mask = {n: torch.rand(p.shape) > 0.5 for n, p in model.named_parameters()}
-    ours = sb.save_mask(tmp_path / "salun_mask_0.5.pt", mask)
-    loaded = sb.load_mask_file(ours, model)
+    ours = common.save_mask(tmp_path / "salun_mask_0.5.pt", mask)
+    loaded = common.load_mask_file(ours, model)
     assert all(loaded[n].dtype == torch.bool and torch.equal(loaded[n], mask[n]) for n in mask)
     torch.save({n: m.to(torch.int64) for n, m in mask.items()}, tmp_path / "with_0.5.pt")  # upstream format
-    upstream = sb.load_mask_file(tmp_path / "with_0.5.pt", model)
+    upstream = common.load_mask_file(tmp_path / "with_0.5.pt", model)
     assert all(torch.equal(upstream[n], mask[n]) for n in mask)
     torch.save({n: m.to(torch.uint8) for n, m in mask.items()}, tmp_path / "u8.pt")
-    assert all(torch.equal(sb.load_mask_file(tmp_path / "u8.pt", model)[n], mask[n]) for n in mask)
+    assert all(torch.equal(common.load_mask_file(tmp_path / "u8.pt", model)[n], mask[n]) for n in mask)
 
 
 @pytest.mark.parametrize("case", ["float", "values", "missing", "shape", "list", "garbage", "absent"])
@@ -338,7 +357,7 @@ def test_bad_mask_files_are_one_line_user_errors(case, tmp_path):
     elif case == "garbage":
         path.write_bytes(b"not a torch file")
     with pytest.raises(UserError) as info:
-        sb.load_mask_file(path, model)
+        common.load_mask_file(path, model)
     assert "\n" not in str(info.value) and "mask_path" in str(info.value)
 
 
@@ -346,7 +365,7 @@ def _masked_run(data, semantics, tmp_path, epochs=2):
     model = tiny()
     original = copy.deepcopy(model.state_dict())
     mask = {n: torch.rand(p.shape, generator=make_generator(1)) > 0.5 for n, p in model.named_parameters()}
-    path = sb.save_mask(tmp_path / f"{semantics}.pt", mask)
+    path = common.save_mask(tmp_path / f"{semantics}.pt", mask)
     method = build("SalUn", model, data, {"epochs": epochs, "lr": 0.05, "mask_path": str(path),
                                           "mask_semantics": semantics, "weight_decay": 0.05})
     run_unlearning(method, epochs, progress=False)
@@ -389,11 +408,11 @@ def test_salun_computes_saves_and_reuses_its_mask(random_data, tmp_path):
 
 def test_masks_refused_where_they_cannot_apply(random_data, tmp_path):
     model = tiny()
-    path = sb.save_mask(tmp_path / "m.pt", {n: torch.ones(p.shape, dtype=torch.bool) for n, p in model.named_parameters()})
+    path = common.save_mask(tmp_path / "m.pt", {n: torch.ones(p.shape, dtype=torch.bool) for n, p in model.named_parameters()})
     for name in ("boundary_expanding", "SalUn_soft", "fisher_new", "SSD"):
-        method = build(name, copy.deepcopy(model), random_data, {"epochs": 1, "mask_path": str(path)})
-        with pytest.raises(UserError, match="mask_path"):
-            run_unlearning(method, 1, progress=False)
+        with pytest.raises(UserError, match="mask_path cannot be used with") as info:  # before any work
+            build(name, copy.deepcopy(model), random_data, {"epochs": 1, "mask_path": str(path)})
+        assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -451,7 +470,7 @@ def test_boundary_expanding_adds_then_drops_the_shadow_class(random_data):
 
 def test_boundary_expanding_paper_era_keeps_the_shadow_class(random_data):
     model = tiny()
-    method = build("BE", model, random_data, {"epochs": 1, "paper_era": True})
+    method = build("BE", model, random_data, {"epochs": 1}, paper_era=True)
     run_unlearning(method, 1, progress=False)
     assert method.evaluation_model()(torch.rand(2, 1, 8, 8)).shape == (2, C + 1)
 
@@ -652,25 +671,27 @@ def test_ssd_method_uses_forget_and_full_train_importances(random_data):
 def digits_noisy_run(tmp_path_factory, single_thread):
     """The real pipeline on digits_noisy (ResNet-18 width 16, the 30-epoch digits recipe), as main_baseline.py runs it,
     with the random 130-sample forget set of seed 1: the setting the digits defaults were chosen on."""
-    from arg_parser import parse_args
-    from experiment import setup_run, train_reference
+    from arg_parser import parse_config
+    from pipeline.stages import prepare, train_reference
 
     save_dir = tmp_path_factory.mktemp("digits_noisy")
-    args = parse_args(["--dataset", "digits_noisy", "--save_dir", str(save_dir), "--seed", "1", "--no-progress",
-                       "--class_to_replace", "-1", "--num_indexes_to_replace", "130", "--device", "cpu"])
-    run = setup_run(args)
+    argv = ["--dataset", "digits_noisy", "--save_dir", str(save_dir), "--seed", "1", "--no-progress",
+            "--class_to_replace", "-1", "--num_indexes_to_replace", "130", "--device", "cpu"]
+    run = prepare(parse_config(argv))
     train_reference(run, retrain=False)
-    return run
+    return argv, run
 
 
 @pytest.mark.parametrize("name", ["GA", "RL", "SalUn", "NGPlus", "VarGrad"])
 def test_digits_defaults_lower_forget_accuracy(name, digits_noisy_run):
-    from experiment import unlearn_and_evaluate
+    from arg_parser import parse_config
+    from pipeline.stages import evaluate, prepare, unlearn
 
-    run = digits_noisy_run
+    argv, run = digits_noisy_run
     results = {}
     for method in ("raw", name):
-        run.args.unlearn = method
-        results[method] = unlearn_and_evaluate(run, write_files=False)
-    assert results[name]["hyperparameters"]["lr"] == resolve_method(name).cls.dataset_defaults["digits_noisy"]["lr"]
+        p = prepare(parse_config([*argv, "--unlearn", method]), data=run.data)
+        results[method] = evaluate(p, unlearn(p))
+    lr = next(hp for hp in method_hparams(resolve_method(name)) if hp.name == "lr")
+    assert results[name]["hyperparameters"]["lr"] == lr.dataset_defaults["digits_noisy"]
     assert results[name]["accuracy"]["forget"] < results["raw"]["accuracy"]["forget"]

@@ -169,6 +169,7 @@ def test_bad_input_is_one_line(tmp_path):
 
 def test_grid_expansion_and_alias_cells(tmp_path):
     import sweep
+    from scenarios import forget_count
 
     sources = [{"GA": {"unlearn_lr": [1e-4, 1e-3], "unlearn_epochs": 3}},
                {"G*": {"unlearn_epochs": [1, 2], "scenarios": {"classwise": {"unlearn_lr": 0.01}}}}]
@@ -188,7 +189,47 @@ def test_grid_expansion_and_alias_cells(tmp_path):
     assert len({c.key for c in methods}) == 6 and len([c for c in cells if c.kind == "original"]) == 1
     assert any("FT_l1 = FT_prune" in note for note in notes)
     random_ga = [c for c in methods if c.scenario == "random"][0]
-    assert f"--num_indexes_to_replace {sweep.forget_count(settings, sweep.train_size('digits', settings))}" in \
+    assert f"--num_indexes_to_replace {forget_count(settings, sweep.train_size('digits', settings))}" in \
         " ".join(random_ga.argv)
     assert "--class_to_replace 0" in " ".join([c for c in methods if c.scenario == "classwise"][0].argv)
     assert not tmp_path.exists() or not any(tmp_path.iterdir()), "building the grid writes nothing"
+
+
+def test_damaged_cell_files_are_computed_again(tiny_sweep, tmp_path):
+    """A truncated result (`{"UA": 1`) and an empty object are no finished cells: recomputed, and the table is built."""
+    import shutil
+
+    cwd, first = tiny_sweep
+    assert first.returncode == 0
+    shutil.copytree(cwd / "out", tmp_path / "out")
+    cells = {json.loads(p.read_text())["args"]["unlearn"]: p for p in (tmp_path / "out" / "cells").glob("*.json")
+             if json.loads(p.read_text())["args"]["seed"] == 1}
+    cells["GA"].write_text('{"UA": 1')
+    cells["retrain"].write_text("{}")
+    proc = benchmark(*TINY_GRID, "--seeds", "1", "--methods", "GA", "--no-track", "--jobs", "1", "--epoch-eval", "all",
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "computed 2 cell(s), reused 2" in proc.stdout  # the Retrain row and GA; the models are kept
+    assert json.loads(cells["GA"].read_text())["args"]["unlearn"] == "GA"
+    assert json.loads(cells["retrain"].read_text())["avg_gap"] == 0
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "out" / "results.csv").open())}
+    assert rows["GA"]["seeds"] == "1" and rows["Retrain"]["seeds"] == "1"
+
+
+def test_exit_1_when_every_method_cell_failed(tiny_sweep, tmp_path):
+    """GA with a learning rate that blows the weights up diverges (a remembered failure): no method has a result."""
+    import shutil
+
+    cwd, first = tiny_sweep
+    assert first.returncode == 0
+    shutil.copytree(cwd / "out", tmp_path / "out")
+    (tmp_path / "grid.json").write_text(json.dumps({"GA": {"unlearn_lr": 1e30}}))
+    args = [*TINY_GRID, "--seeds", "1", "--methods", "GA", "--grid", str(tmp_path / "grid.json"), "--no-track",
+            "--jobs", "1"]
+    proc = benchmark(*args, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "computed 1 cell(s), reused 3" in proc.stdout and "1 failed, 0 errors" in proc.stdout
+    assert "no method cell has a result" in proc.stderr
+    assert "| GA | n/a |" in (tmp_path / "out" / "results.md").read_text()
+    again = benchmark(*args, cwd=tmp_path)  # the failure is remembered, and still nothing to compare
+    assert again.returncode == 1 and "computed 0 cell(s), reused 4" in again.stdout

@@ -1,5 +1,5 @@
-"""Tests of unlearn/biobjective.py: the bi-objective bases (NGPlus, SRL, SCRUB), the shared loop of VARGRAD.md §7 and
-its composition with every mask add-on; VARGRAD.md §14 items 11, 12 and 14 inside the real step."""
+"""Tests of unlearn/biobjective.py: the bi-objective bases (NGPlus, SRL, SCRUB), their shared loop and its composition
+with every mask add-on; the bases' losses and the cloning of g_U inside the real step."""
 import copy
 import math
 import os
@@ -14,11 +14,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataset  # noqa: E402
 from models import create_model  # noqa: E402
-from unlearn import (ALIASES, METHODS, UnlearnContext, resolve_hyperparameters, resolve_method,  # noqa: E402
-                     run_unlearning)
+from unlearn import (ALIASES, METHODS, UnlearnContext, declared_flags,  # noqa: E402
+                     resolve_hyperparameters, resolve_method, run_unlearning)
 from unlearn.biobjective import (DIGITS_DEFAULTS, BiObjectiveMethod, kl_authors_code,  # noqa: E402
                                  kl_teacher_student, wrong_labels)
-from unlearn.masks import MASK_MODES  # noqa: E402
+from unlearn.masks import MASK_MODES, QUANTILE_MODES  # noqa: E402
 from utils import UserError, make_generator  # noqa: E402
 
 BASES = ("NGPlus", "SRL", "SCRUB")
@@ -48,9 +48,15 @@ def tiny_model(seed=0):
     return create_model("resnet20s", 10, in_channels=1, width=4)
 
 
+def as_flags(values):
+    """{hp name: value} -> {flag: value} (one flag per name across the registry)."""
+    flag_of = {hp.name: flag for flag, hp in declared_flags().items()}
+    return {flag_of[name]: value for name, value in values.items()}
+
+
 def make_method(name, data, grad_mask=None, seed=0, model=None, **hp):
     resolved = resolve_method(name, grad_mask)
-    hp = resolve_hyperparameters(resolved, hp)
+    hp = resolve_hyperparameters(resolved, as_flags(hp), recipe={"batch_size": data.batch_size})
     ctx = UnlearnContext(model=model if model is not None else tiny_model(), data=data,
                          generator=make_generator(seed), hp=hp, progress=False)
     method = resolved.cls(ctx)
@@ -112,7 +118,7 @@ def assert_lists_equal(first, second, exact=True, rtol=1e-6, atol=1e-7):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §14 item 14: the bases' losses
+# The bases' losses
 
 
 @pytest.mark.parametrize("num_classes", [10, 100])
@@ -225,12 +231,12 @@ def test_scrub_retain_loss_runs_one_student_forward(split_data):
 
 
 def test_unknown_scrub_kl_is_a_user_error(split_data):
-    with pytest.raises(UserError, match="allowed: kl, code"):
+    with pytest.raises(UserError, match="--scrub_kl kld: must be one of: kl, code"):
         make_method("SCRUB", split_data, scrub_kl="kld")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §14 items 11-12 inside the real step
+# g_U is cloned inside the real step (whatever zero_grad does)
 
 
 @pytest.mark.parametrize("to_none", [True, False])
@@ -342,7 +348,8 @@ def test_bases_are_registered_with_the_family_defaults():
     for base in BASES:
         cls = METHODS[base]
         assert issubclass(cls, BiObjectiveMethod) and cls.supports_grad_mask
-        assert cls.defaults["lr"] == 1e-4 and cls.defaults["grad_mask"] == "none"
+        declared = {hp.name: hp for hp in cls.hparams}
+        assert declared["lr"].default == 1e-4 and declared["epochs"].default == 10 and declared["beta"].default == 0.9
         assert resolve_hyperparameters(resolve_method(base), {})["grad_mask"] == "none"
 
 
@@ -353,9 +360,11 @@ def test_digits_defaults_replace_the_family_lr_only_on_digits():
         for dataset_name in ("digits", "digits_noisy"):
             hp = resolve_hyperparameters(resolved, {}, dataset=dataset_name)
             assert hp["lr"] == DIGITS_DEFAULTS[base]["lr"] and hp["epochs"] == DIGITS_DEFAULTS[base]["epochs"]
-            assert hp["beta"] == 0.9 and hp["quantile"] == 0.5
+            assert hp["beta"] == 0.9 and hp.get("quantile", 0.5) == 0.5
+            assert ("quantile" in hp) == (resolved.grad_mask in QUANTILE_MODES)
             assert hp["grad_mask"] == (resolved.grad_mask or "none")
-            explicit = resolve_hyperparameters(resolved, {"lr": 1e-4, "epochs": 3}, dataset=dataset_name)
+            explicit = resolve_hyperparameters(resolved, {"unlearn_lr": 1e-4, "unlearn_epochs": 3},
+                                              dataset=dataset_name)
             assert explicit["lr"] == 1e-4 and explicit["epochs"] == 3
         for dataset_name in ("cifar10", None):
             hp = resolve_hyperparameters(resolved, {}, dataset=dataset_name)
@@ -394,9 +403,11 @@ def test_opt_modes_need_beta_strictly_inside_the_unit_interval(split_data, base,
 
 
 @pytest.mark.parametrize("hp, fragment", [
-    ({"grad_mask": "vargrad"}, "allowed: none, and, prob"), ({"beta": 1.5}, "[0, 1]"), ({"quantile": 1.0}, "(0, 1)"),
-    ({"rho": 0.0}, "(0, 1)"), ({"ema": "adam"}, "code, standard"), ({"augment": "sometimes"}, "first_epoch"),
-    ({"lr": 0.0}, "positive"),
+    ({"grad_mask": "vargrad"}, "allowed: none, and, prob"), ({"beta": 1.5}, "--beta 1.5: must be a number in [0, 1]"),
+    ({"grad_mask": "prob", "quantile": 1.0}, "--quantile 1.0: must be a number in (0, 1)"),
+    ({"grad_mask": "focus", "rho": 0.0}, "--rho 0.0: must be a number in (0, 1)"),
+    ({"grad_mask": "focus", "ema": "adam"}, "one of: code, standard"), ({"augment": "sometimes"}, "first_epoch"),
+    ({"lr": 0.0}, "--unlearn_lr 0.0: must be a number > 0"), ({"batch_size": 0}, "--batch_size 0"),
 ])
 def test_bad_hyperparameters_are_one_line_user_errors(split_data, hp, fragment):
     grad_mask = hp.pop("grad_mask", None)

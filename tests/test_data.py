@@ -184,6 +184,54 @@ def test_cifar_files_with_code_are_refused(tmp_path):
         load_dataset("cifar10", tmp_path, download=False)
 
 
+def _pickled(entry) -> bytes:
+    return pickle.dumps(entry, protocol=2)
+
+
+def _official_entry(changes=None, n=20):
+    rng = np.random.RandomState(1)
+    entry = {b"batch_label": b"data_batch_1", b"labels": list(rng.randint(0, 10, n)),
+             b"data": rng.randint(0, 256, (n, 3072)).astype(np.uint8), b"filenames": [b"x.png"] * n}
+    entry.update(changes or {})
+    return entry
+
+
+@pytest.mark.parametrize("content,reason", [
+    (lambda: _pickled(_official_entry())[:500], "truncated"),
+    (lambda: b"", "truncated"),
+    (lambda: bytes(range(256)) * 40, "unreadable pickle"),
+    (lambda: _pickled([1, 2, 3]), "holds a list"),
+    (lambda: _pickled({k: v for k, v in _official_entry().items() if k != b"labels"}), "no 'labels' entry"),
+    (lambda: _pickled(_official_entry({b"data": np.zeros((20, 1024), np.uint8)})), "'data' has shape (20, 1024)"),
+    (lambda: _pickled(_official_entry({b"data": np.zeros((20, 3072), np.float32)})), "dtype float32"),
+    (lambda: _pickled(_official_entry({b"labels": [0] * 19})), "'labels' has shape (19,)"),
+    (lambda: _pickled(_official_entry({b"labels": [10] * 20})), "class ids outside 0..9"),
+])
+def test_malformed_cifar_batch_is_a_one_line_error_naming_the_file(tmp_path, content, reason):
+    folder = _write_cifar10(tmp_path)
+    (folder / "data_batch_1").write_bytes(content())
+    with pytest.raises(UserError) as info:
+        load_dataset("cifar10", tmp_path, download=False)
+    message = str(info.value)
+    assert "\n" not in message and str(folder / "data_batch_1") in message, message
+    assert reason in message and "expected a pickled dict with 'data' (N x 3072 uint8" in message, message
+
+
+def test_cifar100_batches_need_fine_labels(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    for name in ("train", "test"):
+        entry = {b"fine_labels": list(rng.randint(0, 100, 10)), b"coarse_labels": list(rng.randint(0, 20, 10)),
+                 b"data": rng.randint(0, 256, (10, 3072)).astype(np.uint8)}
+        (folder / name).write_bytes(_pickled(entry))
+    data = load_dataset("cifar100", tmp_path, download=False)
+    assert data.num_classes == 100 and data.train_images.shape == (10, 3, 32, 32)
+    (folder / "test").write_bytes(_pickled({b"labels": [0] * 10, b"data": np.zeros((10, 3072), np.uint8)}))
+    with pytest.raises(UserError, match="no 'fine_labels' entry"):
+        load_dataset("cifar100", tmp_path, download=False)
+
+
 def test_missing_cifar_offline_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError) as info:
         load_dataset("cifar100", tmp_path, download=False)

@@ -1,4 +1,5 @@
-"""Tests of unlearn/masks.py against VARGRAD.md §4-6, §10 and the unit tests of §14 (items 1-13 and 15)."""
+"""Tests of unlearn/masks.py: the noise model and focus vector, every mask mode, OPT and FocusOPT, and the GradientMask
+object (the math is in docs/methods.md)."""
 
 import math
 import warnings
@@ -19,7 +20,7 @@ from unlearn.masks import (
     saliency_keep_mask,
 )
 
-PI_LOW, PI_HIGH = 0.2492551, 0.7507449  # §4.2, ema="code", rho = 0.9
+PI_LOW, PI_HIGH = 0.2492551, 0.7507449  # range of pi after the first step, ema="code", rho = 0.9
 TOL = 1e-6
 
 
@@ -41,7 +42,7 @@ def random_grads(generator, shapes=((5, 3), (7,), (2, 3, 2)), dtype=torch.float3
 
 
 def make_mask(mode, **kwargs):
-    """Build a mask without letting the §4.2 warning leak into the test output."""
+    """Build a mask without letting the unreachable-threshold warning leak into the test output."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return GradientMask(mode, **kwargs)
@@ -93,7 +94,7 @@ def test_invalid_arguments_raise_one_line_errors(kwargs, fragment):
 @pytest.mark.parametrize("mode", ["opt", "focus_opt"])
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0])
 def test_opt_rejects_degenerate_beta(mode, beta):
-    """§14 item 8 / §6.3: OPT divides by beta and 1 - beta."""
+    """OPT divides by beta and by 1 - beta, so it needs 0 < beta < 1."""
     with pytest.raises(ValueError) as info:
         GradientMask(mode, beta=beta)
     assert "(0, 1)" in str(info.value) and "\n" not in str(info.value)
@@ -129,7 +130,7 @@ def test_empty_parameter_list():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §4.2 window and its warning
+# the window of thresholds q that pi can reach, and its warning
 
 
 def test_focus_bounds_and_reachability():
@@ -182,7 +183,7 @@ def test_no_warning_when_threshold_is_meaningful_or_unused(mode, kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §14 item 1: PROB at q = 0.5 equals AND
+# PROB at q = 0.5 equals AND
 
 
 def test_prob_half_equals_and_in_float64():
@@ -238,7 +239,7 @@ def test_and_is_sign_test_without_underflow():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §14 item 2: range under ema="code"; degenerate thresholds
+# range under ema="code"; degenerate thresholds
 
 
 def test_focus_range_under_code_ema():
@@ -280,11 +281,11 @@ def test_quantile_below_window_keeps_everything_from_step_two():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §14 items 3-5: exact numbers
+# exact numbers
 
 
 def test_first_step_numbers():
-    """§14 item 3: |g| = 1 gives |s| = sqrt(10), pi = 0.9984358 / 0.0015642, focus = pi * d."""
+    """|g| = 1 gives |s| = sqrt(10), pi = 0.9984358 / 0.0015642, focus = pi * d."""
     g_u = [torch.tensor([1.0, -1.0, 1.0, -1.0])]
     g_c = [torch.tensor([1.0, -1.0, -1.0, 1.0])]
     for ema in ("code", "standard"):
@@ -305,7 +306,7 @@ def test_first_step_numbers():
 
 
 def run_trace(mode, ema, quantile=0.5):
-    """§14 item 4: one scalar coordinate, beta = 0.95, two steps."""
+    """One scalar coordinate, beta = 0.95, two steps."""
     mask = GradientMask(mode, beta=0.95, ema=ema, quantile=quantile)
     first = mask.direction(scalar(1.0), scalar(2.0))[0].item()
     first_state = [t[0].item() for t in mask.noise_state]
@@ -353,7 +354,7 @@ def test_two_step_trace_standard_ema():
 
 
 def test_standard_ema_bound():
-    """§14 item 5: |s| <= sqrt(10) at every step, and pi can exceed 0.7507449 after step 1."""
+    """|s| <= sqrt(10) at every step, and pi can exceed 0.7507449 after step 1."""
     generator = torch.Generator().manual_seed(6)
     mask = GradientMask("focus", ema="standard")
     for scale in (1.0, 1e-3, 1.0, 100.0, 1e-2):
@@ -374,18 +375,18 @@ def test_standard_ema_bound():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §14 items 6-7: OPT and FocusOPT
+# OPT and FocusOPT
 
 
 def r_of(u, c, keep, beta):
-    """r(S) of §6.1 in float64, from scratch."""
+    """r(S) of the OPT mask in float64, from scratch."""
     u, c = u.double()[keep], c.double()[keep]
     alpha = 1.0 - beta
     return (min(alpha / beta * (u * u).sum().item(), beta / alpha * (c * c).sum().item()) + (u * c).sum().item())
 
 
 def reference_removed(u, c, beta):
-    """Plain-loop greedy reference of §6.1 in float64: the number of sorted coordinates removed."""
+    """Plain-loop greedy reference of the OPT mask in float64: the number of sorted coordinates removed."""
     u, c = u.double().flatten(), c.double().flatten()
     n = u.numel()
     order = torch.argsort(u * c, stable=True)
@@ -400,7 +401,7 @@ def reference_removed(u, c, beta):
 
 
 def test_opt_worked_example():
-    """§6.4."""
+    """The worked example of the OPT mask: u = (1, -1, 0.5, 2), c = (1, 1, 0.5, -4), beta 0.5 and 0.95."""
     u = torch.tensor([1.0, -1.0, 0.5, 2.0])
     c = torch.tensor([1.0, 1.0, 0.5, -4.0])
     for beta, expected, dot_u, dot_c in [
@@ -431,7 +432,7 @@ def test_opt_keeps_everything_when_feasible_despite_conflicts():
 @pytest.mark.parametrize("beta", [0.5, 0.9, 0.95, 0.99])
 @pytest.mark.parametrize("c_scale", [0.1, 1.0, 10.0])
 def test_opt_properties(beta, c_scale):
-    """§14 item 6, on random u, c of several sizes (float64 for the exact prefix checks, float32 for feasibility)."""
+    """On random u, c of several sizes (float64 for the exact prefix checks, float32 for feasibility)."""
     generator = torch.Generator().manual_seed(int(beta * 1000 + c_scale * 10))
     for n in (1, 2, 5, 64, 1000, 20000):
         for dtype in (torch.float64, torch.float32):
@@ -497,7 +498,7 @@ def test_opt_multidimensional_tensors_and_mask_object():
 
 @pytest.mark.parametrize("beta", [0.5, 0.9, 0.95])
 def test_focus_opt_guarantee(beta):
-    """§14 item 7: <d~, pi*g_U> >= -tol and <d~, pi*g_C> >= -tol, per tensor and step."""
+    """<d~, pi*g_U> >= -tol and <d~, pi*g_C> >= -tol, per tensor and step."""
     generator = torch.Generator().manual_seed(8)
     mask = GradientMask("focus_opt", beta=beta)
     for _ in range(4):
@@ -517,7 +518,7 @@ def test_focus_opt_guarantee(beta):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §14 item 9: saliency
+# saliency
 
 
 def test_saliency_keeps_upper_half():
@@ -589,7 +590,7 @@ def test_saliency_mode_uses_saliency_grads_defaulting_to_forget():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §14 item 10: bernoulli
+# bernoulli
 
 
 def test_bernoulli_statistics_and_seed():
@@ -649,7 +650,7 @@ def test_bernoulli_default_seed_follows_torch_manual_seed():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §14 item 11: clone
+# clone
 
 
 def tiny_model_grads(set_to_none):
@@ -710,7 +711,7 @@ def test_inputs_are_never_modified(mode):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §14 items 12-13: degenerate mixtures, state
+# degenerate mixtures, state
 
 
 def test_degenerate_mixtures():
@@ -729,7 +730,7 @@ def test_degenerate_mixtures():
 
 
 def expected_focus(history, ema, rho=0.9):
-    """Float64 recurrence of §4.1 over a list of (g_U, g_C) scalar pairs; pi of the last step."""
+    """Float64 recurrence of the noise model over a list of (g_U, g_C) scalar pairs; pi of the last step."""
     v_u = v_c = None
     for g_u, g_c in history:
         if v_u is None:
@@ -792,7 +793,7 @@ def test_modes_without_focus_keep_no_state(mode):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §14 item 15: determinism; dtypes
+# determinism; dtypes
 
 
 @pytest.mark.parametrize("mode", MASK_MODES)

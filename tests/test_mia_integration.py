@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from arg_parser import parse_args
-from experiment import setup_run, train_reference, unlearn_and_evaluate
+from arg_parser import parse_config
+from pipeline.mia import per_example_mia
+from pipeline.stages import evaluate, prepare, train_reference, unlearn
+
+
+def attacks_of(p):
+    """Unlearn (raw) and run the attack stage without writing its files."""
+    unl = unlearn(p)
+    return per_example_mia(p, unl, write_files=False)
 from conftest import run_script
 
 FLAGS = ["--dataset", "digits_noisy", "--arch", "resnet20s", "--width", "12", "--epochs", "10", "--decreasing_lr",
@@ -27,17 +34,16 @@ MARGIN = 0.05
 def workspace(tmp_path_factory):
     """Original and Retrain models, then one `--unlearn raw --mia lira` evaluation (which builds the cache)."""
     save_dir = tmp_path_factory.mktemp("mia")
-    args = parse_args(FLAGS + ["--save_dir", str(save_dir), "--mia", "lira"])
-    run = setup_run(args)
+    run = prepare(parse_config(FLAGS + ["--save_dir", str(save_dir), "--mia", "lira"]))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models on 2 shared cores: one thread is several times faster
     try:
         train_reference(run, retrain=False)
         train_reference(run, retrain=True)
-        result = unlearn_and_evaluate(run, write_files=False)
+        mia = attacks_of(run)
     finally:
         torch.set_num_threads(threads)
-    return save_dir, run, result["per_example_mia"]
+    return save_dir, run, mia
 
 
 def test_lira_sees_the_original_models_memorisation(workspace):
@@ -59,10 +65,8 @@ def test_second_evaluation_reuses_the_reference_models(workspace):
     models = sorted(p for p in (run.save_dir / "ref_models").glob("*/model_*.pth.tar"))
     assert len(models) == 8
     mtimes = [p.stat().st_mtime_ns for p in models]
-    rmia_run = copy.copy(run)
-    rmia_run.args = copy.copy(run.args)
-    rmia_run.args.mia = "rmia"
-    mia = unlearn_and_evaluate(rmia_run, write_files=False)["per_example_mia"]
+    rmia_run = prepare(parse_config(FLAGS + ["--save_dir", str(run.save_dir), "--mia", "rmia"]), data=run.data)
+    mia = attacks_of(rmia_run)
     assert mia["reference_models_trained_now"] == 0 and mia["reference_cache"] == first["reference_cache"]
     assert [p.stat().st_mtime_ns for p in models] == mtimes
     assert mia["original_rmia"]["auc"] > mia["retrain_rmia"]["auc"]

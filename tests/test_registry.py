@@ -5,8 +5,10 @@ import math
 
 import pytest
 
-from arg_parser import parse_args
-from experiment import result_paths, setup_run, train_reference, unlearn_and_evaluate
+from arg_parser import parse_config
+from pipeline import paths
+from pipeline.runs import forget
+from pipeline.stages import prepare, train_reference
 from unlearn import ALIASES, list_methods, resolve_method
 from utils import UserError
 
@@ -18,22 +20,22 @@ ARGS = ["--dataset", "digits", "--epochs", "2", "--width", "4", "--batch_size", 
 def save_dir(tmp_path_factory):
     save = tmp_path_factory.mktemp("registry")
     for retrain in (False, True):
-        args = parse_args([*ARGS, "--save_dir", str(save)] + (["--retrain"] if retrain else []))
-        train_reference(setup_run(args, need_forget=retrain), retrain=retrain)
+        config = parse_config([*ARGS, "--save_dir", str(save)] + (["--retrain"] if retrain else []), "main_baseline.py")
+        train_reference(prepare(config, need_forget=retrain), retrain=retrain)
     return save
 
 
 @pytest.mark.parametrize("name", list_methods())
 def test_every_registered_method_runs_and_writes_a_valid_result(name, save_dir):
-    args = parse_args([*ARGS, "--save_dir", str(save_dir), "--unlearn", name])
-    result = unlearn_and_evaluate(setup_run(args))
-    written = json.loads(result_paths(args)["result"].read_text())
+    config = parse_config([*ARGS, "--save_dir", str(save_dir), "--unlearn", name])
+    forget(config)
+    written = json.loads(paths.forget_result(config).read_text())
     assert written["args"]["unlearn"] == name
     for key in ("UA", "RA", "TA", "MIA_efficacy", "RTE_seconds", "rUA", "agreement", "avg_gap"):
         assert isinstance(written[key], float) and math.isfinite(written[key]), key
     assert set(written["accuracy"]) == {"retain", "forget", "val", "test"}
     assert 0.0 <= written["UA"] <= 100.0 and written["RTE_seconds"] >= 0.0
-    assert result_paths(args)["checkpoint"].is_file()
+    assert paths.forget_checkpoint(config).is_file()
 
 
 def test_registry_names_and_errors():
@@ -56,11 +58,9 @@ def test_classwise_retrain_forgets_the_class(tmp_path):
     """Exact unlearning of a whole class: the retrained model never saw it, so forget accuracy is about 0."""
     base = [a for a in ARGS if a not in ("-1", "40", "--num_indexes_to_replace")]
     base[base.index("--class_to_replace") + 1:base.index("--class_to_replace") + 1] = ["3"]
-    args = parse_args([*base, "--save_dir", str(tmp_path), "--epochs", "5", "--width", "8"])
-    run = setup_run(args, need_forget=False)
-    train_reference(run, retrain=False)
-    args.unlearn = "retrain"
-    result = unlearn_and_evaluate(setup_run(args))
+    argv = [*base, "--save_dir", str(tmp_path), "--epochs", "5", "--width", "8"]
+    train_reference(prepare(parse_config(argv, "main_baseline.py"), need_forget=False), retrain=False)
+    result = forget(parse_config([*argv, "--unlearn", "retrain"]))
     assert result["scenario"] == "classwise"
     assert result["accuracy"]["forget"] < 5.0 and result["accuracy"]["retain"] > 50.0
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 
-# The seed README's command, offline (digits) and with a tiny budget.
+# The VarGrad authors' README command for mlflow_forget.py, offline (digits) and with a tiny budget.
 EPOCHS, UNLEARN_EPOCHS = 2, 2
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: threads only fight over the 2 cores
 

@@ -1,4 +1,4 @@
-"""The bi-objective bases of the VarGrad family (VARGRAD.md §3, §7) and their composition with the mask add-ons.
+"""The bi-objective bases of the VarGrad family and their composition with the mask add-ons (docs/methods.md).
 
 A bi-objective method descends an unlearning loss L_U on forget batches and a utility loss L_C on retain batches. Every
 step computes g_U (forget batch) and g_C (one retain batch), hands both to one :class:`unlearn.masks.GradientMask`
@@ -20,8 +20,8 @@ The add-on is chosen by ``hp["grad_mask"]`` (``--grad_mask``), so any base takes
 Defaults follow the paper (Adam, lr 1e-4, beta 0.9, q 0.5, rho 0.9, the authors' EMA, 10 epochs). On the 8x8 ``digits``
 datasets an epoch has only a few steps (130 forget samples at batch 64 = 3 steps) and lr 1e-4 barely moves the model:
 after 10 epochs the forget accuracy stays at 99-100 % for random forgetting (Retrain: 93.85 %) and falls only to 60-83 %
-for class-wise forgetting (Retrain: 0 %). The bases therefore carry ``dataset_defaults`` for ``digits`` and
-``digits_noisy`` (:data:`DIGITS_DEFAULTS`), chosen on digits_noisy (resnet18 width 16, batch 64, beta 0.9, q 0.5,
+for class-wise forgetting (Retrain: 0 %). The bases therefore carry defaults for ``digits`` and ``digits_noisy``
+(:data:`DIGITS_DEFAULTS`, declared with `tune(..., digits=...)`), chosen on digits_noisy (resnet18 width 16, batch 64, beta 0.9, q 0.5,
 seed 1) so that every alias reaches Retrain's forget accuracy in both scenarios:
 
 =============  ======================  =========================================================================
@@ -38,18 +38,18 @@ Any explicit ``--unlearn_lr`` / ``--unlearn_epochs`` / ``--beta`` replaces these
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
-from unlearn.masks import MASK_MODES, GradientMask, collect_grads
+from unlearn.common import AUGMENT, BATCH_SIZE, EPOCHS, LR, augment_for_epoch, wrong_labels
+from unlearn.hparams import HParam, tune
+from unlearn.masks import GradientMask, addon_hparams, collect_grads
 from unlearn.registry import UnlearnMethod, register_alias, register_method
 from utils import UserError
 
-AUGMENT_CHOICES = ("always", "first_epoch", "never")
 SCRUB_KL_CHOICES = ("kl", "code")
-EMA_CHOICES = ("code", "standard")
 
 # Per-dataset defaults of the bases (see the module docstring for how they were chosen and what they give).
 DIGITS_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -58,29 +58,17 @@ DIGITS_DEFAULTS: dict[str, dict[str, Any]] = {
     "SRL": {"lr": 2e-3, "epochs": 20},
 }
 
-
-def _digits_defaults(base: str) -> dict[str, dict[str, Any]]:
-    return {dataset: dict(DIGITS_DEFAULTS[base]) for dataset in ("digits", "digits_noisy")}
+BETA = HParam("beta", float, 0.9, "weight of the retain gradient in d = beta*g_C + (1 - beta)*g_U", low=0.0, high=1.0)
+SCRUB_KL = HParam("scrub_kl", str, "kl", "SCRUB divergence: kl = the teacher-student KL; code = what the authors' code "
+                  "computes", choices=SCRUB_KL_CHOICES)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Loss pieces
 # ---------------------------------------------------------------------------------------------------------------------
 
-def wrong_labels(labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
-    """SRL's random labels (VARGRAD.md §3.2): (y + r) mod K, r uniform in {1, ..., K-1} per sample, never y.
-
-    Drawn on the generator's device (the run's CPU generator) and moved to the labels' device, so the draws do not
-    depend on where the model runs.
-    """
-    if num_classes < 2:
-        raise ValueError(f"wrong labels need at least 2 classes; got {num_classes}")
-    shift = torch.randint(1, num_classes, labels.shape, generator=generator, device=generator.device)
-    return (labels + shift.to(labels.device)) % num_classes
-
-
 def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """kappa_kl = (1/B) sum_b KL(p_t,b || p_s,b), temperature 1 (SCRUB's distillation term; VARGRAD.md §3.3)."""
+    """kappa_kl = (1/B) sum_b KL(p_t,b || p_s,b), temperature 1 (SCRUB's distillation term; docs/methods.md)."""
     return F.kl_div(F.log_softmax(student_logits, dim=1), F.log_softmax(teacher_logits, dim=1),
                     reduction="batchmean", log_target=True)
 
@@ -89,7 +77,7 @@ def kl_authors_code(student_logits: torch.Tensor, teacher_logits: torch.Tensor) 
     """kappa_code = (1/B) sum_b sum_k p_s,bk (log p_s,bk - p_t,bk): what the authors' KLDivLoss call computes.
 
     They pass the teacher's *probabilities* where log-probabilities are expected and the student's probabilities as the
-    target, so the value is -H(p_s) - <p_s, p_t>: always <= 0 and not zero when student = teacher (§3.3).
+    target, so the value is -H(p_s) - <p_s, p_t>: always <= 0 and not zero when student = teacher.
     """
     log_student = F.log_softmax(student_logits, dim=1)
     teacher = F.softmax(teacher_logits, dim=1)
@@ -104,7 +92,7 @@ TEACHER_STUDENT_TERMS = {"kl": kl_teacher_student, "code": kl_authors_code}
 # ---------------------------------------------------------------------------------------------------------------------
 
 class BiObjectiveMethod(UnlearnMethod):
-    """The loop of VARGRAD.md §7 for any (L_U, L_C) pair, with the add-on of ``hp["grad_mask"]``.
+    """The bi-objective loop for any (L_U, L_C) pair, with the add-on of ``hp["grad_mask"]``.
 
     Subclasses define :meth:`forget_loss` and :meth:`retain_loss` (each a single forward of the model). Per run
     (:meth:`setup`): one Adam optimiser (betas (0.9, 0.999), eps 1e-8, no weight decay) and one
@@ -113,10 +101,8 @@ class BiObjectiveMethod(UnlearnMethod):
     """
 
     supports_grad_mask = True
-    defaults: ClassVar[dict[str, Any]] = {
-        "lr": 1e-4, "epochs": 10, "beta": 0.9, "quantile": 0.5, "rho": 0.9, "ema": "code", "grad_mask": "none",
-        "augment": "always", "scrub_kl": "kl",
-    }
+    #: The paper's values (Adam lr 1e-4, 10 epochs, beta 0.9); the add-on mode adds its own (`masks.addon_hparams`).
+    hparams: ClassVar[tuple[HParam, ...]] = tune((LR, EPOCHS, BETA, AUGMENT, BATCH_SIZE), lr=1e-4, epochs=10)
     #: True when the saliency gradients of mode ``saliency`` (-CE with true labels on the forget batch) are g_U itself.
     forget_loss_is_saliency: ClassVar[bool] = False
     #: How gradients are cleared between the backward passes (both are correct because g_U is cloned; tests use both).
@@ -124,15 +110,11 @@ class BiObjectiveMethod(UnlearnMethod):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.mode: str = self._hp("grad_mask")
-        self.beta: float = float(self._hp("beta"))
-        self.quantile: float = float(self._hp("quantile"))
-        self.rho: float = float(self._hp("rho"))
-        self.ema: str = self._hp("ema")
-        self.augment: str = self._hp("augment")
-        self.lr: float = float(self._hp("lr"))
-        self.batch_size: int = int(self.hp.get("batch_size") or ctx.data.batch_size)
-        self._validate()
+        self.mode: str = self.hp["grad_mask"]
+        self.beta: float = self.hp["beta"]
+        self.augment: str = self.hp["augment"]
+        self.lr: float = self.hp["lr"]
+        self.batch_size: int = self.hp["batch_size"]
         self.params: list[torch.nn.Parameter] = list(self.model.parameters())
         self.optimizer: Optional[torch.optim.Adam] = None
         self.mask: Optional[GradientMask] = None
@@ -147,53 +129,28 @@ class BiObjectiveMethod(UnlearnMethod):
         """L_C on a retain batch."""
         raise NotImplementedError(f"{type(self).__name__} must define retain_loss")
 
-    def _hp(self, key: str) -> Any:
-        """The resolved value, or the family default when the caller's dict lacks it (or holds None)."""
-        value = self.hp.get(key)
-        return BiObjectiveMethod.defaults[key] if value is None else value
-
-    # -- checks -----------------------------------------------------------------------------------------------------
-
-    def _validate(self) -> None:
-        name = self.name or type(self).__name__
-        if self.mode not in MASK_MODES:
-            raise UserError(f"unknown --grad_mask '{self.mode}' for {name}; allowed: {', '.join(MASK_MODES)}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise UserError(f"--beta {self.beta} is out of range for {name}; allowed: [0, 1]")
-        if self.mode in ("opt", "focus_opt") and not 0.0 < self.beta < 1.0:
-            raise UserError(f"--grad_mask {self.mode} needs --beta strictly between 0 and 1 (OPT divides by beta and "
-                            f"1 - beta); got {self.beta}")
-        if not 0.0 < self.quantile < 1.0:
-            raise UserError(f"--quantile {self.quantile} is out of range; allowed: the open interval (0, 1)")
-        if not 0.0 < self.rho < 1.0:
-            raise UserError(f"--rho {self.rho} is out of range; allowed: the open interval (0, 1)")
-        if self.ema not in EMA_CHOICES:
-            raise UserError(f"unknown --ema '{self.ema}'; allowed: {', '.join(EMA_CHOICES)}")
-        if self.augment not in AUGMENT_CHOICES:
-            raise UserError(f"unknown --augment '{self.augment}'; allowed: {', '.join(AUGMENT_CHOICES)}")
-        if not self.lr > 0:
-            raise UserError(f"--unlearn_lr must be positive for {name}; got {self.lr}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch_size must be >= 1; got {self.batch_size}")
+    @classmethod
+    def check_hparams(cls, hp: Mapping[str, Any]) -> None:
+        if hp["grad_mask"] in ("opt", "focus_opt") and not 0.0 < hp["beta"] < 1.0:
+            raise UserError(f"--beta {hp['beta']}: must be strictly between 0 and 1 for --grad_mask {hp['grad_mask']} "
+                            f"(OPT divides by beta and 1 - beta)")
 
     # -- the run ----------------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
         self.optimizer = torch.optim.Adam(self.params, lr=self.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         # The bernoulli mode draws from its own generator on the gradients' device, seeded from the run's generator so
-        # that the run stays reproducible from its one seed. The mask warns (once, here) about an unreachable q (§4.2).
+        # that the run stays reproducible from its one seed. The mask warns (once, here) about an unreachable q.
         mask_seed = int(torch.randint(0, 2**62, (1,), generator=self.ctx.generator))
+        addon = {hp.name: self.hp[hp.name] for hp in addon_hparams(self.mode)}
         try:
-            self.mask = GradientMask(self.mode, beta=self.beta, quantile=self.quantile, rho=self.rho, ema=self.ema,
-                                     generator=mask_seed)
+            self.mask = GradientMask(self.mode, beta=self.beta, generator=mask_seed, **addon)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
 
     def _augment_epoch(self, epoch: int) -> bool | None:
         """None = the data's own setting (respects --no-aug); False = no augmentation this epoch."""
-        if self.augment == "never" or (self.augment == "first_epoch" and epoch > 1):
-            return False
-        return None
+        return augment_for_epoch(self.augment, epoch)
 
     def _retain_batches(self, augment: bool | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless retain batches for one epoch: a new shuffled pass starts when the retain set is exhausted."""
@@ -215,11 +172,11 @@ class BiObjectiveMethod(UnlearnMethod):
 
     def step(self, x_forget: torch.Tensor, y_forget: torch.Tensor, x_retain: torch.Tensor,
              y_retain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One update (VARGRAD.md §7); returns the detached (L_U, L_C) of this step.
+        """One update; returns the detached (L_U, L_C) of this step.
 
         1. mode ``saliency`` on SRL/SCRUB: a = grad of -CE(f(x_f), y_f), cloned (an extra forward/backward; for NGPlus
            a = g_U, no extra pass);
-        2. g_U = clone of grad L_U(x_f) (cloned: clearing .grad for the next backward must not touch it, §8.1);
+        2. g_U = clone of grad L_U(x_f) (cloned: clearing .grad for the next backward must not touch it);
         3. g_C = grad L_C(x_r), read from .grad (no copy needed: nothing else writes there before the step);
         4. d~ = mask.direction(g_U, g_C, a), written into .grad; Adam step.
         """
@@ -279,7 +236,7 @@ class BiObjectiveMethod(UnlearnMethod):
 class NGPlus(BiObjectiveMethod):
     name = "NGPlus"
     summary = "NegGrad+: Adam on beta*CE(retain) - (1-beta)*CE(forget); takes --grad_mask add-ons (VarGrad family)"
-    dataset_defaults = _digits_defaults("NGPlus")
+    hparams = tune(BiObjectiveMethod.hparams, digits=DIGITS_DEFAULTS["NGPlus"])
     forget_loss_is_saliency = True  # L_U = -CE with true labels: its gradient is the saliency gradient
 
     def forget_loss(self, model, x, y):
@@ -294,7 +251,7 @@ class SRL(BiObjectiveMethod):
     name = "SRL"
     summary = ("random wrong labels on the forget set + CE on the retain set (the authors' RL without a mask); "
                "takes --grad_mask add-ons")
-    dataset_defaults = _digits_defaults("SRL")
+    hparams = tune(BiObjectiveMethod.hparams, digits=DIGITS_DEFAULTS["SRL"])
 
     def forget_loss(self, model, x, y):
         return F.cross_entropy(model(x), wrong_labels(y, self.ctx.num_classes, self.ctx.generator))
@@ -305,19 +262,17 @@ class SRL(BiObjectiveMethod):
 
 @register_method
 class SCRUB(BiObjectiveMethod):
-    """The paper's simplified SCRUB (§3.3): a beta-mixture of -kappa on the forget set and CE + kappa on the retain set,
+    """The paper's simplified SCRUB: a beta-mixture of -kappa on the forget set and CE + kappa on the retain set,
     with a frozen copy of the original model as teacher. Not the alternating max/min SCRUB of Kurmanji et al."""
 
     name = "SCRUB"
     summary = ("SCRUB-lite: teacher-student divergence pushed up on the forget set, CE + divergence on the retain "
                "set (--scrub_kl kl|code); takes --grad_mask add-ons")
-    dataset_defaults = _digits_defaults("SCRUB")
+    hparams = tune(BiObjectiveMethod.hparams + (SCRUB_KL,), digits=DIGITS_DEFAULTS["SCRUB"])
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.scrub_kl: str = self._hp("scrub_kl")
-        if self.scrub_kl not in TEACHER_STUDENT_TERMS:
-            raise UserError(f"unknown --scrub_kl '{self.scrub_kl}'; allowed: {', '.join(SCRUB_KL_CHOICES)}")
+        self.scrub_kl: str = self.hp["scrub_kl"]
         self.divergence = TEACHER_STUDENT_TERMS[self.scrub_kl]
         self.teacher: Optional[torch.nn.Module] = None
 
@@ -341,11 +296,11 @@ class SCRUB(BiObjectiveMethod):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The paper's names (VARGRAD.md §9): base + add-on
+# The paper's names: base + add-on
 # ---------------------------------------------------------------------------------------------------------------------
 
 _ALIASES = (
-    ("VarGrad", "NGPlus", "prob", "the seed README's name of NGradMask: NGPlus masked where pi >= q"),
+    ("VarGrad", "NGPlus", "prob", "the name the paper's code uses for NGradMask: NGPlus masked where pi >= q"),
     ("NGradMask", "NGPlus", "prob", "NGPlus - GradMask / PROB (AND at q = 0.5)"),
     ("NGradFocus", "NGPlus", "focus", "NGPlus - GradFocus: direction scaled by the focus vector pi"),
     ("NGPlus_OPT", "NGPlus", "opt", "NGPlus - OPT: per-tensor greedy feasibility mask"),

@@ -2,6 +2,9 @@
 
 RTE counts only the method's own work (setup, epochs, finish), device-synchronised; the per-epoch callback (used for
 evaluation and tracking) runs outside the timer.
+
+The divergence guard looks at the whole state of the model, parameters and buffers: a huge step can leave finite
+weights but an infinite BatchNorm running variance, and such a model predicts garbage in eval mode just the same.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearn.registry import UnlearnMethod
-from utils import DivergenceError, Stopwatch
+from utils import DivergenceError, Stopwatch, UserError
 
 EpochCallback = Callable[[int, torch.nn.Module, dict, float], None]
 
@@ -27,8 +30,18 @@ class UnlearnOutcome:
     epoch_stats: list[dict] = field(default_factory=list)
 
 
-def _all_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+def state_is_finite(model: torch.nn.Module) -> bool:
+    """True when every floating-point parameter and buffer is finite.
+
+    One device reduction and a single host sync per call: the per-tensor flags are stacked and reduced on the device,
+    instead of one `bool()` (one sync) per tensor, which would stall a GPU dozens of times per epoch.
+    """
+    flags = [torch.isfinite(t).all() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _loss_is_finite(loss: object) -> bool:
+    return loss is None or math.isfinite(float(loss))
 
 
 def run_unlearning(method: UnlearnMethod, epochs: int, on_epoch: EpochCallback | None = None,
@@ -36,9 +49,14 @@ def run_unlearning(method: UnlearnMethod, epochs: int, on_epoch: EpochCallback |
     """Run `method` for `epochs` epochs (one pass for one-shot methods).
 
     `on_epoch(epoch, eval_model, stats, rte_so_far)` is called after every epoch, outside the timer. A non-finite loss or
-    non-finite weights stop the run: the last finite weights are restored and DivergenceError(epoch) is raised.
+    a non-finite parameter or buffer stops the run: the last state whose parameters and buffers were all finite is
+    restored and DivergenceError(epoch) is raised. A model that is not finite to begin with is a UserError, raised
+    before any work.
     """
     model = method.model
+    if not state_is_finite(model):
+        raise UserError(f"the model given to {method.name} already has non-finite (inf/NaN) weights or BatchNorm "
+                        f"statistics; unlearning needs a finite model: check the --mask checkpoint")
     watch = Stopwatch(method.ctx.device)
     epochs = 1 if method.one_shot else epochs
     stats_per_epoch: list[dict] = []
@@ -53,11 +71,11 @@ def run_unlearning(method: UnlearnMethod, epochs: int, on_epoch: EpochCallback |
             if epoch == epochs:
                 method.finish()
         loss = stats.get("loss")
-        if (loss is not None and not math.isfinite(loss)) or not _all_finite(model):
+        if not _loss_is_finite(loss) or not state_is_finite(model):
             model.load_state_dict(last_finite)
             raise DivergenceError(
-                f"{method.name} diverged at epoch {epoch} (loss {loss}); the last finite weights (epoch {epoch - 1}) "
-                f"were kept; lower --unlearn_lr", epoch)
+                f"{method.name} diverged at epoch {epoch} (loss {loss}); the last finite weights and BatchNorm "
+                f"statistics (epoch {epoch - 1}) were kept; lower --unlearn_lr", epoch)
         last_finite = copy.deepcopy(model.state_dict())
         stats_per_epoch.append(stats)
         if stats:

@@ -1,11 +1,11 @@
-"""Gradient masks of the VarGrad family: the add-on of VARGRAD.md §4-6, as the one component of §10.
+"""Gradient masks of the VarGrad family: the add-on, as one component (docs/methods.md describes the math).
 
 Every masked unlearning method computes, per step, the forget gradient g_U and the retain gradient g_C (one tensor per
-parameter), mixes them into d = beta*g_C + (1 - beta)*g_U (§2) and hands the result of an add-on d~ to the optimiser.
-:class:`GradientMask` owns that add-on and its state (the noise estimates V_U, V_C of §4.1); no method
+parameter), mixes them into d = beta*g_C + (1 - beta)*g_U and hands the result of an add-on d~ to the optimiser.
+:class:`GradientMask` owns that add-on and its state (the noise estimates V_U, V_C); no method
 re-implements it.
 
-Modes (§5):
+Modes:
 
 ============  ====================================================  ===========
 mode          d~ (per tensor, element-wise)                          uses pi
@@ -14,7 +14,7 @@ none          d                                                      no
 and           1[g_U * g_C >= 0] * d                                  no
 prob          1[pi >= q] * d                                         yes
 focus         pi * d                                                 yes
-opt           M(g_U, g_C) * d            (greedy OPT mask, §6.1)     no
+opt           M(g_U, g_C) * d            (greedy OPT mask)           no
 focus_opt     M(pi*g_U, pi*g_C) * pi * d                             yes
 saliency      1[|a| >= Q_q(|a|)] * d     (a = saliency gradients)    no
 bernoulli     m * d,  m ~ Bernoulli(pi)  (seeded generator)          yes
@@ -22,7 +22,7 @@ bernoulli     m * d,  m ~ Bernoulli(pi)  (seeded generator)          yes
 
 Everything is computed in the gradients' own dtype and on their device. The multi-tensor ``torch._foreach_*`` kernels
 (the ones ``torch.optim.Adam`` uses) keep the per-step cost of the pi modes to a fixed number of kernel launches rather
-than a fixed number per parameter tensor (VARGRAD performance budget: NGPlus+prob within 1.3x of NGPlus).
+than a fixed number per parameter tensor (performance budget: NGPlus+prob within 1.3x of NGPlus).
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ import warnings
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from unlearn.hparams import HParam
+from utils import UserError
 
 __all__ = [
     "MASK_MODES",
@@ -45,18 +48,38 @@ __all__ = [
     "quantile_reachable",
     "opt_keep_mask",
     "saliency_keep_mask",
+    "addon_hparams",
 ]
 
 MASK_MODES: Tuple[str, ...] = ("none", "and", "prob", "focus", "opt", "focus_opt", "saliency", "bernoulli")
-#: Modes that need the focus vector pi, hence the noise state V_U, V_C (§5 table, column "needs pi state").
+#: Modes that need the focus vector pi, hence the noise state V_U, V_C ("uses pi" in the table above).
 FOCUS_MODES: Tuple[str, ...] = ("prob", "focus", "focus_opt", "bernoulli")
 #: ``code``: the authors' swapped-weight update V <- rho*g^2 + (1-rho)*V;
-#: ``standard``: the conventional V <- rho*V + (1-rho)*g^2 (§4.1).
+#: ``standard``: the conventional V <- rho*V + (1-rho)*g^2.
 EMA_VARIANTS: Tuple[str, ...] = ("code", "standard")
-#: Added to V inside the square root (§4.1).
+#: Added to V inside the square root.
 EPS = 1e-8
 
 _OPT_MODES = ("opt", "focus_opt")
+#: Modes whose threshold is the quantile q.
+QUANTILE_MODES: Tuple[str, ...] = ("prob", "saliency")
+
+# The add-on's own hyper-parameters (beta belongs to the bases: every mode, "none" included, mixes with it).
+QUANTILE = HParam("quantile", float, 0.5, "mask threshold q (prob) / per-tensor saliency quantile (saliency)",
+                  low=0.0, high=1.0, low_open=True, high_open=True)
+RHO = HParam("rho", float, 0.9, "weight of the noise-model EMA behind the focus vector", low=0.0, high=1.0,
+             low_open=True, high_open=True)
+EMA = HParam("ema", str, "code", "noise-model update: code = the authors' (swapped weights), standard = conventional EMA",
+             choices=EMA_VARIANTS)
+
+
+def addon_hparams(mode: Optional[str] = None) -> Tuple[HParam, ...]:
+    """The hyper-parameters add-on `mode` reads (every mode's with None). An unknown mode is a one-line UserError."""
+    if mode is None:
+        return (QUANTILE, RHO, EMA)
+    if mode not in MASK_MODES:
+        raise UserError(f"unknown --grad_mask '{mode}'; allowed: {', '.join(MASK_MODES)}")
+    return ((QUANTILE,) if mode in QUANTILE_MODES else ()) + ((RHO, EMA) if mode in FOCUS_MODES else ())
 
 _GeneratorSpec = Union[None, int, torch.Generator]
 
@@ -82,7 +105,7 @@ def _check_ema(ema) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Range of the focus vector (§4.2)
+# Range of the focus vector
 
 
 def _normal_cdf(x: float) -> float:
@@ -90,7 +113,7 @@ def _normal_cdf(x: float) -> float:
 
 
 def focus_bounds(rho: float = 0.9, ema: str = "code") -> Tuple[float, float]:
-    """Range ``(pi_min, pi_max)`` of the focus vector pi from the second step of a run on (VARGRAD.md §4.2).
+    """Range ``(pi_min, pi_max)`` of the focus vector pi from the second step of a run on (docs/methods.md).
 
     V includes the current squared gradient, so |s| = |g|/sqrt(V + eps) is bounded by b = 1/sqrt(rho) under
     ``ema="code"`` and by b = 1/sqrt(1 - rho) under ``ema="standard"`` (the latter also bounds the first step).
@@ -105,7 +128,7 @@ def focus_bounds(rho: float = 0.9, ema: str = "code") -> Tuple[float, float]:
 
 
 def quantile_reachable(quantile: float, rho: float = 0.9, ema: str = "code") -> bool:
-    """Whether the PROB threshold ``quantile`` can separate coordinates after the first step (VARGRAD.md §4.2).
+    """Whether the PROB threshold ``quantile`` can separate coordinates after the first step (docs/methods.md).
 
     False when ``quantile > pi_max`` (mode ``prob`` masks every coordinate from the second step on) or
     ``quantile <= pi_min`` (it keeps every coordinate, i.e. degenerates to the base method); see :func:`focus_bounds`.
@@ -125,7 +148,7 @@ def _unreachable_quantile_message(quantile: float, rho: float, ema: str) -> str:
     return (
         f"GradientMask mode 'prob': quantile {quantile} is outside ({low:.7f}, {high:.7f}], the range of the focus "
         f"vector pi after the first step with ema={ema!r}, rho={rho}; from the second step on the mask {effect} "
-        f"(VARGRAD.md §4.2)"
+        f"(see docs/methods.md, range of the focus vector)"
     )
 
 
@@ -134,20 +157,20 @@ def _unreachable_quantile_message(quantile: float, rho: float, ema: str) -> str:
 
 
 # CPU search for the OPT cut-off: first among the k = max(1024, n/16) most conflicting coordinates only, since the
-# removed prefix is often short (about 2 % of the coordinates on independent Gaussian gradients, §6.2); a full sort
+# removed prefix is often short (about 2 % of the coordinates on independent Gaussian gradients); a full sort
 # when the cut-off lies further.
 _OPT_FIRST_CANDIDATES = 1024
 _OPT_CANDIDATE_DIVISOR = 16
 
 
 def opt_keep_mask(u: torch.Tensor, c: torch.Tensor, beta: float) -> torch.Tensor:
-    """Greedy OPT keep-mask M(u, c) of one tensor (VARGRAD.md §6.1), as a bool tensor of ``u``'s shape.
+    """Greedy OPT keep-mask M(u, c) of one tensor (docs/methods.md, OPT mask), as a bool tensor of ``u``'s shape.
 
     With x = u*c, A = (1-beta)/beta, C = beta/(1-beta) and r(S) = min(A*sum_S u^2, C*sum_S c^2) + sum_S x:
     nothing is removed when r(all) >= 0; otherwise the coordinates are removed in ascending order of x (most
     conflicting first) and the shortest such prefix after which r >= 0 is removed (all of them if none qualifies,
     which only rounding can cause). r(S) >= 0 is exactly <d, u> >= 0 and <d, c> >= 0 on the kept set for
-    d = beta*c + (1-beta)*u (§6.2).
+    d = beta*c + (1-beta)*u.
 
     Computed in the inputs' dtype from the totals minus cumulative sums along the ascending order of x. On accelerators
     the whole tensor is sorted (no host synchronisation); on the CPU, where a full sort dominates the cost, the
@@ -168,7 +191,7 @@ def _opt_feasibility(sorted_terms: torch.Tensor, totals: torch.Tensor, beta: flo
     """r after removing the first j sorted coordinates, for j = 0 .. k (k = number of columns of ``sorted_terms``).
 
     ``sorted_terms`` has rows x, u^2, c^2 in removal order and ``totals`` their sums over the whole tensor; column j of
-    the remaining sums is "totals minus cumulative sums" as in §6.1, so column 0 is r(all).
+    the remaining sums is "totals minus cumulative sums", so column 0 is r(all).
     """
     alpha = 1.0 - beta
     remaining = torch.cat((totals, totals - sorted_terms.cumsum(dim=1)), dim=1)
@@ -222,7 +245,7 @@ def _quantile_upper_rank(quantile: float, n: int) -> int:
 
 
 def saliency_keep_mask(scores: torch.Tensor, quantile: float) -> torch.Tensor:
-    """Keep-mask {|a| >= Q_q(|a|)} of one tensor (VARGRAD.md §5, mode ``saliency``), as a bool tensor.
+    """Keep-mask {|a| >= Q_q(|a|)} of one tensor (mode ``saliency``), as a bool tensor.
 
     With sorted magnitudes v_0 <= ... <= v_{n-1}, both the linear and the midpoint ``torch.quantile`` thresholds lie in
     [v_floor(q(n-1)), v_ceil(q(n-1))] and equal the lower value only when q(n-1) is an integer, so the kept set is
@@ -232,7 +255,7 @@ def saliency_keep_mask(scores: torch.Tensor, quantile: float) -> torch.Tensor:
     The position q(n-1) is taken in double precision, which is what torch.quantile does for float64 input (identical
     masks for both interpolations). On float32 input torch.quantile rounds q to float32 first; when q(n-1) is an integer
     and float32(q) > q, its midpoint threshold then moves one value up while its linear one usually does not, so the
-    two torch masks can differ from each other there; this function follows the exact position of VARGRAD.md §5.
+    two torch masks can differ from each other there; this function follows the exact position q(n-1).
     """
     magnitude = scores.detach().abs()
     n = magnitude.numel()
@@ -256,7 +279,7 @@ def _nonnegative_indicator_(values: List[torch.Tensor]) -> List[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Gradient collection (VARGRAD.md §8.1)
+# Gradient collection
 
 
 def collect_grads(params: Iterable[torch.Tensor]) -> List[torch.Tensor]:
@@ -264,7 +287,7 @@ def collect_grads(params: Iterable[torch.Tensor]) -> List[torch.Tensor]:
 
     The unlearning loop must clone g_U (and the saliency gradients) before the retain backward: ``zero_grad`` with
     ``set_to_none=False`` zeroes the very tensors a plain reference would point to, and the next backward accumulates
-    into them (VARGRAD.md §8.1). Zeros keep one entry per parameter so the lists line up with ``model.parameters()``.
+    into them. Zeros keep one entry per parameter so the lists line up with ``model.parameters()``.
     """
     return [
         torch.zeros_like(p, requires_grad=False) if p.grad is None else p.grad.detach().clone()
@@ -277,14 +300,14 @@ def collect_grads(params: Iterable[torch.Tensor]) -> List[torch.Tensor]:
 
 
 class GradientMask:
-    """The add-on of the VarGrad family (VARGRAD.md §10): one object per unlearning run.
+    """The add-on of the VarGrad family: one object per unlearning run.
 
     Args:
-        mode: one of :data:`MASK_MODES` (§5).
+        mode: one of :data:`MASK_MODES`.
         beta: weight of the retain gradient in d = beta*g_C + (1-beta)*g_U, in [0, 1]; ``opt``/``focus_opt`` need the
-            open interval (0, 1) (§6.3).
+            open interval (0, 1).
         quantile: threshold q of ``prob`` (keep pi >= q) and quantile of ``saliency``; in (0, 1). Ignored otherwise.
-        rho: weight of the noise EMA (§4.1), in (0, 1); 0.9 in the authors' code.
+        rho: weight of the noise EMA, in (0, 1); 0.9 in the authors' code.
         ema: ``"code"`` (the authors' update, default) or ``"standard"`` (conventional EMA, a documented deviation).
         generator: randomness of mode ``bernoulli`` (ignored by the other modes).
             ``None``: seed taken from ``torch.initial_seed()`` when the mask is built (so a run seeded with
@@ -304,9 +327,9 @@ class GradientMask:
         self,
         mode: str,
         beta: float = 0.9,
-        quantile: float = 0.5,
-        rho: float = 0.9,
-        ema: str = "code",
+        quantile: float = QUANTILE.default,
+        rho: float = RHO.default,
+        ema: str = EMA.default,
         generator: _GeneratorSpec = None,
     ) -> None:
         if mode not in MASK_MODES:
@@ -413,7 +436,7 @@ class GradientMask:
 
         Returns:
             New tensors d~ = add-on(beta*g_C + (1-beta)*g_U), one per parameter. In the pi modes the noise state is
-            updated with this step's gradients first (§4.1).
+            updated with this step's gradients first.
         """
         g_u = list(forget_grads)
         g_c = list(retain_grads)
@@ -493,7 +516,7 @@ class GradientMask:
                 )
 
     def _update_noise(self, state: Optional[List[torch.Tensor]], grads: List[torch.Tensor]) -> List[torch.Tensor]:
-        """One EMA step of V = E[g^2] (§4.1), in place on the mask's own buffers after the first step."""
+        """One EMA step of V = E[g^2], in place on the mask's own buffers after the first step."""
         if state is None:
             state = list(torch._foreach_mul(grads, grads))
             torch._foreach_mul_(state, 1.0 - self.rho)
@@ -521,10 +544,10 @@ class GradientMask:
         return scaled
 
     def _focus_vector(self, g_u: List[torch.Tensor], g_c: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Update V_U, V_C with this step's gradients, then pi = p_U*p_C + (1-p_U)*(1-p_C) per tensor (§4.1).
+        """Update V_U, V_C with this step's gradients, then pi = p_U*p_C + (1-p_U)*(1-p_C) per tensor.
 
         With p = (1 + e)/2, e = erf(s/sqrt(2)), the same pi is 1/2 + e_U*e_C/2
-        (§4.3: pi - 1/2 = 2(p_U - 1/2)(p_C - 1/2)).
+        (pi - 1/2 = 2(p_U - 1/2)(p_C - 1/2)).
         That form costs fewer kernels and gives pi = 1/2 exactly when either gradient coordinate is 0, so 1[pi >= 1/2]
         is the sign test.
         """
@@ -552,7 +575,7 @@ class GradientMask:
         return generator
 
     def _draw(self, focus: torch.Tensor) -> torch.Tensor:
-        """m ~ Bernoulli(pi), i.i.d. per coordinate, as 1[U < pi] with U uniform on [0, 1) (§5, mode bernoulli)."""
+        """m ~ Bernoulli(pi), i.i.d. per coordinate, as 1[U < pi] with U uniform on [0, 1) (mode bernoulli)."""
         uniform = torch.rand(
             focus.shape, generator=self._generator_for(focus.device), device=focus.device, dtype=focus.dtype
         )

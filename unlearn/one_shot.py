@@ -4,32 +4,31 @@ the weights in a single pass, so the driver runs one "epoch".
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dataset import TensorLoader
+from unlearn.common import (ALPHA, BATCH_SIZE, MASK_PATH, accumulate_gradients, load_mask_file, require_mask_file,
+                            statistics_loader, trainable_parameters)
+from unlearn.hparams import HParam, tune
 from unlearn.registry import UnlearnMethod, register_alias, register_method
-from unlearn.sgd_baselines import digits_defaults, load_mask_file, statistics_loader
-from utils import UserError, temporarily_eval
+from utils import temporarily_eval
 
 WOODFISHER_N = 1000          # upstream constant of the WoodFisher recursion
 FF_BATCH_SIZE = 32           # upstream batch size of FF's Hessian pass
 PER_SAMPLE_BYTES = 256 << 20  # memory budget of one chunk of per-sample gradients (IU)
 
-
-def _trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+SSD_LAMBDA = HParam("ssd_lambda", float, 1.0, "SSD: dampening constant lambda", low=0.0, low_open=True)
+SSD_REFERENCE = HParam("ssd_reference", str, "train",
+                       "SSD: reference set of the importances: train = retain + forget (the paper), retain = retain only",
+                       choices=("train", "retain"))
 
 
 def _flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def _paper_era(hp: dict) -> bool:
-    return bool(hp.get("paper_era", False))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -39,19 +38,16 @@ def _paper_era(hp: dict) -> bool:
 def summed_gradient(model: nn.Module, loader: Iterable) -> torch.Tensor:
     """Flat sum over the loader of per-sample CE gradients (= batch-mean gradient x batch size), trainable parameters
     in `model.parameters()` order."""
-    params = [p for _, p in _trainable(model)]
-    total = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
-    for x, y in loader:
-        grads = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), params, allow_unused=True)
-        total += _flat(g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params))
-    return total
+    params = [p for _, p in trainable_parameters(model)]
+    totals, _ = accumulate_gradients(model, loader, params, lambda out, y: F.cross_entropy(out, y, reduction="sum"))
+    return _flat(totals)
 
 
 def per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(batch, n_params) matrix of per-sample CE gradients (the model's current mode; IU uses eval mode)."""
     from torch.func import functional_call, grad, vmap
 
-    named = _trainable(model)
+    named = trainable_parameters(model)
     params = {n: p.detach() for n, p in named}
     buffers = dict(model.named_buffers())
 
@@ -64,7 +60,7 @@ def per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
 def woodfisher_direction(model: nn.Module, v: torch.Tensor, retain_samples: Iterable[tuple[torch.Tensor, torch.Tensor]],
                          n_max: int = WOODFISHER_N) -> torch.Tensor:
-    """Upstream's WoodFisher recursion (UPSTREAM §6.3 step 2), vectorised.
+    """Upstream's WoodFisher recursion, vectorised.
 
     Upstream: k <- v; the first retain sample sets o <- g; each later sample (t = o.g) does k <- k - (k.g/(N + t)) o
     and o <- o - (t/(N + t)) o; it stops after the sample with index N + 1. Since o only ever rescales the first
@@ -101,21 +97,25 @@ def woodfisher_direction(model: nn.Module, v: torch.Tensor, retain_samples: Iter
 
 @register_method
 class WFisher(UnlearnMethod):
-    """IU / influence unlearning with upstream's WoodFisher approximation (UPSTREAM §6.3): v = g_f/n - n_f/(n n_r) g_r
+    """IU / influence unlearning with upstream's WoodFisher approximation: v = g_f/n - n_f/(n n_r) g_r
     (summed gradients, n = n_f + n_r), k = WoodFisher(v) over the first N + 2 retain samples in stored order (N = 1000),
     theta <- theta + alpha k. Eval mode, test transform (paper-era: train transform). `mask_path` restricts the update
     (alpha k * m). alpha: README unspecified; third-party scripts use 10."""
 
     name = "wfisher"
     summary = "influence unlearning (IU) with the WoodFisher inverse-Hessian approximation"
-    defaults: ClassVar[dict[str, Any]] = {"alpha": 10.0, "epochs": 1, "mask_path": None}
-    dataset_defaults = digits_defaults({"alpha": 30.0})
+    hparams = tune((ALPHA.replace(help="IU: scale of the influence update", low_open=True), BATCH_SIZE, MASK_PATH),
+                   alpha=10.0, digits={"alpha": 30.0})
     one_shot = True
 
+    @classmethod
+    def check_hparams(cls, hp: Mapping[str, Any]) -> None:
+        require_mask_file(hp["mask_path"])
+
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        data, gen, paper = self.ctx.data, self.ctx.generator, _paper_era(self.hp)
-        batch = int(self.hp.get("batch_size") or data.batch_size)
-        mask = load_mask_file(self.hp["mask_path"], self.model) if self.hp.get("mask_path") else None
+        data, gen, paper = self.ctx.data, self.ctx.generator, self.ctx.paper_era
+        batch = self.hp["batch_size"]
+        mask = load_mask_file(self.hp["mask_path"], self.model) if self.hp["mask_path"] else None
         with temporarily_eval(self.model):
             n_f, n_r = len(data.split.forget), len(data.split.retain)
             n = n_f + n_r
@@ -123,10 +123,10 @@ class WFisher(UnlearnMethod):
             g_r = summed_gradient(self.model, statistics_loader(data, "retain", paper, batch, gen))
             v = g_f / n - (n_f / (n * n_r)) * g_r
             k = woodfisher_direction(self.model, v, statistics_loader(data, "retain", paper, batch, gen))
-        update = float(self.hp["alpha"]) * k
+        update = self.hp["alpha"] * k
         start = 0
         with torch.no_grad():
-            for name, p in _trainable(self.model):
+            for name, p in trainable_parameters(self.model):
                 step = update[start:start + p.numel()].view_as(p)
                 p.add_(step * mask[name] if mask is not None else step)
                 start += p.numel()
@@ -138,7 +138,7 @@ class WFisher(UnlearnMethod):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def fisher_class_branch(split, num_classes: int, train_labels: torch.Tensor, paper_era: bool) -> int | None:
-    """Row of the classifier that FF zeroes, or None (UPSTREAM §6.4 step 3, §10 item 11).
+    """Row of the classifier that FF zeroes, or None.
 
     Project: only for class-wise forgetting (row = the forgotten class). Paper-era keeps upstream's bug in general
     form: upstream enters the branch when |D_f| equals the hard-coded size of one CIFAR class (4,500 / 450), whatever
@@ -154,8 +154,9 @@ def fisher_class_branch(split, num_classes: int, train_labels: torch.Tensor, pap
 
 
 def fisher_diagonal(model: nn.Module, loader: Iterable, num_classes: int) -> list[torch.Tensor]:
-    """A = mean over batches of sum_y mean_batch(p_y) * (grad of CE(output, y))^2, eval mode (UPSTREAM §6.4 step 1)."""
-    params = [p for _, p in _trainable(model)]
+    """A = mean over batches of sum_y mean_batch(p_y) * (grad of CE(output, y))^2, eval mode (FF's Fisher diagonal;
+    one backward per class, so it does not share `accumulate_gradients`)."""
+    params = [p for _, p in trainable_parameters(model)]
     totals = [torch.zeros_like(p) for p in params]
     batches = 0
     for x, _ in loader:
@@ -175,7 +176,7 @@ def fisher_diagonal(model: nn.Module, loader: Iterable, num_classes: int) -> lis
 
 def fisher_noise_parameters(theta: torch.Tensor, fisher: torch.Tensor, alpha: float, num_classes: int,
                             forget_row: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, variance) of FF's Gaussian for one parameter (UPSTREAM §6.4 steps 2-3)."""
+    """(mean, variance) of FF's Gaussian for one parameter."""
     is_class_dim = theta.dim() >= 1 and theta.shape[0] == num_classes
     var = (1.0 / (fisher + 1e-8)).clamp(max=1e3)
     if is_class_dim:
@@ -194,27 +195,26 @@ def fisher_noise_parameters(theta: torch.Tensor, fisher: torch.Tensor, alpha: fl
 
 @register_method
 class FisherForgetting(UnlearnMethod):
-    """FF / Fisher forgetting (upstream `fisher_new`, UPSTREAM §6.4): theta <- mu + sqrt(var) N(0, 1) with var from the
+    """FF / Fisher forgetting (upstream `fisher_new`): theta <- mu + sqrt(var) N(0, 1) with var from the
     inverse retain-set Fisher diagonal scaled by alpha; class-wise forgetting also zeroes the forgotten class's row.
     alpha: README unspecified; maintainers suggest about 1e-9 when TA collapses (issue Sparse#5)."""
 
     name = "fisher_new"
     summary = "Fisher forgetting (FF): Gaussian noise shaped by the inverse retain-set Fisher"
-    defaults: ClassVar[dict[str, Any]] = {"alpha": 1e-9, "epochs": 1}
-    dataset_defaults = digits_defaults({"alpha": 3e-6})
+    hparams = tune((ALPHA.replace(help="FF: scale of the noise variance", low_open=True),), alpha=1e-9,
+                   digits={"alpha": 3e-6})
+    refused_flags = {"mask_path": "its update is noise on every weight"}
     one_shot = True
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        if self.hp.get("mask_path"):
-            raise UserError("--mask_path cannot be used with fisher_new: its update is noise on every weight")
-        data, C = self.ctx.data, self.ctx.num_classes
-        loader = statistics_loader(data, "retain", _paper_era(self.hp), FF_BATCH_SIZE, self.ctx.generator)
+        data, C, paper = self.ctx.data, self.ctx.num_classes, self.ctx.paper_era
+        loader = statistics_loader(data, "retain", paper, FF_BATCH_SIZE, self.ctx.generator)
         with temporarily_eval(self.model):
             fisher = fisher_diagonal(self.model, loader, C)
-        row = fisher_class_branch(data.split, C, data.data.train_labels, _paper_era(self.hp))
-        alpha = float(self.hp["alpha"])
+        row = fisher_class_branch(data.split, C, data.data.train_labels, paper)
+        alpha = self.hp["alpha"]
         with torch.no_grad():
-            for (_, p), f in zip(_trainable(self.model), fisher):
+            for (_, p), f in zip(trainable_parameters(self.model), fisher):
                 mu, var = fisher_noise_parameters(p, f, alpha, C, row)
                 noise = torch.randn(p.shape, generator=self.ctx.generator).to(p.device, p.dtype)
                 p.copy_(mu + var.sqrt() * noise)
@@ -227,15 +227,8 @@ class FisherForgetting(UnlearnMethod):
 
 def diagonal_importance(model: nn.Module, loader: Iterable) -> list[torch.Tensor]:
     """Mean over batches of the squared batch-mean CE gradient (SSD's diagonal Fisher), trainable parameters."""
-    params = [p for _, p in _trainable(model)]
-    totals = [torch.zeros_like(p) for p in params]
-    batches = 0
-    for x, y in loader:
-        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, allow_unused=True)
-        for total, g in zip(totals, grads):
-            if g is not None:
-                total += g.pow(2)
-        batches += 1
+    params = [p for _, p in trainable_parameters(model)]
+    totals, batches = accumulate_gradients(model, loader, params, F.cross_entropy, transform=lambda g: g.pow(2))
     return [t / max(batches, 1) for t in totals]
 
 
@@ -259,23 +252,19 @@ class SSD(UnlearnMethod):
     """Selective Synaptic Dampening (Foster et al., AAAI'24): diagonal Fisher importances (mean squared CE gradients)
     on the forget set and on a reference set; parameters far more important to the forget set (imp_f > alpha imp_r)
     are scaled by min(lambda imp_r / imp_f, 1). Reference = the full training set D_r + D_f, as in the paper
-    (`ssd_reference: retain` uses D_r only). Eval mode, test transform. Paper defaults lambda = 1, alpha = 10."""
+    (`--ssd_reference retain` uses D_r only). Eval mode, test transform. Paper defaults lambda = 1, alpha = 10."""
 
     name = "SSD"
     summary = "selective synaptic dampening of forget-specific weights (Fisher importances)"
-    defaults: ClassVar[dict[str, Any]] = {"alpha": 10.0, "ssd_lambda": 1.0, "ssd_reference": "train", "epochs": 1}
-    dataset_defaults = digits_defaults({"alpha": 5.0, "ssd_lambda": 1.0})
+    hparams = tune((ALPHA.replace(help="SSD: selection threshold (imp_f > alpha imp_r)"), SSD_LAMBDA, SSD_REFERENCE,
+                    BATCH_SIZE), alpha=10.0, digits={"alpha": 5.0, "ssd_lambda": 1.0})
+    refused_flags = {"mask_path": "it selects its own parameters"}
     one_shot = True
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        if self.hp.get("mask_path"):
-            raise UserError("--mask_path cannot be used with SSD: it selects its own parameters")
         data = self.ctx.data
-        batch = int(self.hp.get("batch_size") or data.batch_size)
-        reference = self.hp.get("ssd_reference") or "train"
-        if reference not in ("train", "retain"):
-            raise UserError(f"ssd_reference '{reference}' is not allowed; allowed: train, retain")
-        if reference == "train":
+        batch = self.hp["batch_size"]
+        if self.hp["ssd_reference"] == "train":
             images, labels = (torch.cat(t) for t in zip(data.tensors("retain"), data.tensors("forget")))
             reference_loader = TensorLoader(images, labels, batch)
         else:
@@ -283,8 +272,8 @@ class SSD(UnlearnMethod):
         with temporarily_eval(self.model):
             imp_f = diagonal_importance(self.model, data.eval_loader("forget", batch_size=batch))
             imp_r = diagonal_importance(self.model, reference_loader)
-        lam = float(self.hp["ssd_lambda"] if self.hp.get("ssd_lambda") is not None else 1.0)
-        fraction = ssd_dampen_([p for _, p in _trainable(self.model)], imp_f, imp_r, float(self.hp["alpha"]), lam)
+        fraction = ssd_dampen_([p for _, p in trainable_parameters(self.model)], imp_f, imp_r, self.hp["alpha"],
+                               self.hp["ssd_lambda"])
         return {"dampened_fraction": fraction}
 
 

@@ -8,8 +8,7 @@ from unlearn.registry import UnlearnMethod, register_method
 class Raw(UnlearnMethod):
     name = "raw"
     summary = "evaluate the original model (no unlearning)"
-    defaults = {"epochs": 1}
-    one_shot = True
+    one_shot = True  # no hyper-parameters: nothing to tune
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         return {}
@@ -22,8 +21,7 @@ class Retrain(UnlearnMethod):
 
     name = "retrain"
     summary = "exact unlearning: train from scratch on the retain set with the original recipe"
-    defaults = {"epochs": 1}
-    one_shot = True  # the recipe's own epochs run inside one driver step
+    one_shot = True  # the recipe's own epochs run inside one driver step; the recipe is the original model's
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         from training import train_model

@@ -1,7 +1,7 @@
 """Per-step cost of the gradient-mask add-ons next to the plain base method, measured side by side in one process.
 
-    .venv/bin/python benchmarks/mask_cost.py                       # resnet18 width 16 on digits_noisy, NGPlus, all modes
-    .venv/bin/python benchmarks/mask_cost.py --bases NGPlus SRL SCRUB --steps 50 --device cuda
+    .venv/bin/python perf/mask_cost.py                       # resnet18 width 16 on digits_noisy, NGPlus, all modes
+    .venv/bin/python perf/mask_cost.py --bases NGPlus SRL SCRUB --steps 50 --device cuda
 
 Every (base, mode) gets its own copy of the same initial model, its own Adam optimiser and GradientMask, and the same
 fixed pool of (forget, retain) batches, so the timings compare the update rule only (no data loading). A step is what

@@ -1,4 +1,4 @@
-"""Backdoor ("Trojan model") cleanse experiment (UPSTREAM.md §8, §10 item 16).
+"""Backdoor ("Trojan model") cleanse: the scenario, its trigger and poisoning, and its run.
 
 A black square trigger is stamped on `--num_indexes_to_replace` training samples drawn across all classes (the
 forget-set machinery with class -1, from the original model's training split) and their label is set to the target
@@ -6,7 +6,7 @@ forget-set machinery with class -1, from the original model's training split) an
 samples (with trigger and target label) as the forget set and the clean rest of the training split as the retain set;
 success = the attack success rate (ASR) falls while clean test accuracy stays.
 
-Differences from upstream (Unlearn-Sparse `main_backdoor.py`), all deliberate:
+Differences from upstream (Unlearn-Sparse `main_backdoor.py`), all deliberate (docs/upstream.md):
 * dense training with the project's training loop (upstream: OMP pruning, which needs `--rewind_epoch > 0`);
 * the trigger works on any image layout (upstream: H x W x C arrays only);
 * ASR counts only triggered test images whose true class is not the target: a target-class image classified as the
@@ -16,28 +16,22 @@ Differences from upstream (Unlearn-Sparse `main_backdoor.py`), all deliberate:
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from arg_parser import build_parser, resolve_args
-from dataset import ImageData, Split, SplitData, TensorLoader, load_dataset, make_split, num_classes_of
-from evaluation import predict, write_result
-from experiment import (Run, build_model, load_model, method_hyperparameters, model_metadata, setup_run,
-                        unlearn_and_evaluate)
-from pipeline import add_forget_flags, file_lock, run_tags
-from tracking import NullRun, ending, link_result
+from dataset import ImageData, Split, SplitData, TensorLoader
+from evaluation import predict
+from pipeline.config import RunConfig, frozen
+from pipeline.runs import run_params, run_tags, tracking_record, unlearn_or_keep_last, with_attacks
+from pipeline.stages import (Prepared, build_model, evaluate, load_data, load_model, model_metadata, prepare,
+                             write_outputs)
+from scenarios import Scenario, forget_count, register_scenario
 from training import plot_history, train_model
-from unlearn import resolve_hyperparameters, resolve_method
-from utils import UserError, atomic_torch_save, device_name, set_seed, sha256_of_array
+from utils import UserError, atomic_torch_save, device_name, file_lock, set_seed, sha256_of_array
 
 TRIGGER_MARGIN = 2  # pixels between the trigger and the bottom/right image border (upstream)
 LAYOUTS = ("HWC", "CHW", "HW")
@@ -161,149 +155,88 @@ def backdoor_metrics(model: torch.nn.Module, clean: SplitData, poison: Poison, c
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Arguments
+# The run: train (or load) the backdoored model, unlearn the poisoned samples, measure clean accuracy and ASR
 # ---------------------------------------------------------------------------------------------------------------------
 
-def add_backdoor_flags(parser: argparse.ArgumentParser) -> None:
-    """mlflow_forget.py's output and tracking flags (so benchmark cells and emitted command lines work unchanged), but
-    tracking is on only with --track or when MLFLOW_TRACKING_URI is set (a plain run writes local files only)."""
-    add_forget_flags(parser)
-    parser.set_defaults(track=None)
-    for action in parser._actions:
-        if action.dest == "track":
-            action.help = ("log to mlflow (default: only when MLFLOW_TRACKING_URI is set; --track without it uses "
-                           "sqlite:///mlflow.db in the working directory)")
+RESULT_NAME = "backdoor_result.json"
+CHECKPOINT_NAME = "backdoor_checkpoint.pth.tar"
+AFTER_KEYS = ("clean_acc_unlearn", "asr_unlearn")
 
-
-def tracking_enabled(args: argparse.Namespace, environ: dict | None = None) -> bool:
-    if args.track is not None:
-        return bool(args.track)
-    return bool((os.environ if environ is None else environ).get("MLFLOW_TRACKING_URI"))
-
-
-def _raise_user_error(message: str):
-    raise UserError(message)
-
-
-def check_backdoor_args(args: argparse.Namespace) -> None:
-    """Checks that need no data: the target label and the poison count are required and in range."""
-    classes = num_classes_of(args.dataset)
-    if not 0 <= args.class_to_replace < classes:
-        raise UserError(f"--class_to_replace {args.class_to_replace} (the backdoor target label) is out of range; "
-                        f"allowed: 0..{classes - 1} for {args.dataset}")
-    if args.num_indexes_to_replace is None:
-        raise UserError("--num_indexes_to_replace (the number of poisoned training samples) is required, e.g. 10 % of "
-                        "the training set (4500 on CIFAR-10)")
-
-
-def parse_backdoor_args(argv: Sequence[str] | None = None, description: str = "") -> argparse.Namespace:
-    """The shared parser plus backdoor checks; every usage error is one line 'error: ...' (via utils.cli_main)."""
-    parser = build_parser(description, extra=add_backdoor_flags, prog="main_backdoor.py")
-    parser.error = _raise_user_error  # one format ("error: ...") for argparse's, resolve_args' and our own errors
-    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    if args.list_methods:
-        return args
-    check_backdoor_args(args)  # before resolve_args, whose class check would also allow -1
-    return resolve_args(args, parser)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The experiment
-# ---------------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class BackdoorRun:
-    clean: Run        # clean data and split (clean test set; the split's forget = the poisoned positions)
-    poisoned: Run     # same split on the poisoned data: forget = triggered samples with the target label
+    config: RunConfig     # as asked: class_to_replace is the target label
+    clean: Prepared       # clean data and split (clean test set; the split's forget = the poisoned positions)
+    poisoned: Prepared    # same split on the poisoned data: forget = triggered samples with the target label
     poison: Poison
     model_path: Path
 
     @property
     def count_target_class(self) -> bool:
-        return bool(self.clean.args.paper_era)
+        return self.config.method.paper_era
 
 
-def backdoor_model_path(args: argparse.Namespace, poison: Poison) -> Path:
-    return Path(args.save_dir) / (f"{args.seed}{args.arch}_ep{args.epochs}_backdoor_t{poison.target}"
-                                  f"_n{len(poison.indices)}_ts{poison.trigger_size}_{poison.hash[:8]}"
-                                  f"model_SA_best.pth.tar")
+def backdoor_model_path(config: RunConfig, poison: Poison) -> Path:
+    return config.output.save_dir / (f"{config.data.seed}{config.model.arch}_ep{config.model.epochs}_backdoor_t"
+                                     f"{poison.target}_n{len(poison.indices)}_ts{poison.trigger_size}_"
+                                     f"{poison.hash[:8]}model_SA_best.pth.tar")
 
 
-def result_path(args: argparse.Namespace) -> Path:
+def result_path(config: RunConfig) -> Path:
     """--result_json, else {save_dir}/{unlearn}backdoor_result.json."""
-    return Path(args.result_json) if getattr(args, "result_json", None) else \
-        Path(args.save_dir) / f"{args.unlearn}{RESULT_SUFFIX}"
+    return config.output.result_json or config.output.save_dir / f"{config.method.name}{RESULT_NAME}"
 
 
-def checkpoint_path(args: argparse.Namespace) -> Path:
-    return Path(args.save_dir) / f"{args.unlearn}backdoor_checkpoint.pth.tar"
+def checkpoint_path(config: RunConfig) -> Path:
+    return config.output.save_dir / f"{config.method.name}{CHECKPOINT_NAME}"
 
 
-def experiment_name(args: argparse.Namespace) -> str:
-    return getattr(args, "experiment", None) or f"{args.dataset}-backdoor"
+def experiment_name(config: RunConfig) -> str:
+    return config.tracking.experiment or f"{config.data.dataset}-backdoor"
 
 
-def run_name(args: argparse.Namespace) -> str:
-    return getattr(args, "run_name", None) or \
-        f"{args.unlearn}-backdoor-t{args.class_to_replace}n{args.num_indexes_to_replace}-seed{args.seed}"
+def run_name(config: RunConfig) -> str:
+    return config.tracking.run_name or (f"{config.method.name}-backdoor-t{config.data.class_to_replace}"
+                                        f"n{config.data.num_indexes_to_replace}-seed{config.data.seed}")
 
 
-def check_backdoor_inputs(args: argparse.Namespace) -> tuple[argparse.Namespace, ImageData]:
-    """Every check that needs the data, before anything is written: method, trigger size, poison count.
-    Returns the arguments with the trigger size resolved and the split made consistent, and the (clean) dataset."""
-    check_backdoor_args(args)
-    resolve_method(args.unlearn, args.grad_mask)  # an unknown method fails before any training
-    data = load_dataset(args.dataset, args.data, download=not getattr(args, "no_download", False))
-    size = args.trigger_size if args.trigger_size is not None else default_trigger_size(data.image_size)
+def setup_backdoor(config: RunConfig, data: ImageData | None = None) -> BackdoorRun:
+    """Every check that needs the data (trigger size, poison count), then the clean and the poisoned run."""
+    data = data if data is not None else load_data(config)
+    size = config.extras.get("trigger_size") or default_trigger_size(data.image_size)
     check_trigger_size(size, *data.train_images.shape[-2:])
-    make_split(data, -1, args.num_indexes_to_replace, seed=args.seed)  # poison count out of range -> UserError
-    args = copy.copy(args)
-    if args.split != "consistent":
-        print("note: the backdoor experiment always uses the consistent split (the poisoned model is trained here on "
-              "exactly retain + poisoned samples); --split upstream is ignored")
-    args.trigger_size, args.split = size, "consistent"
-    return args, data
-
-
-def setup_backdoor(args: argparse.Namespace, data: ImageData | None = None) -> BackdoorRun:
-    """The clean and the poisoned run of one backdoor experiment (inputs checked first, unless `data` comes from
-    `check_backdoor_inputs`)."""
-    if data is None:
-        args, data = check_backdoor_inputs(args)
+    config = dataclasses.replace(config, flags=frozen({**config.flags, "trigger_size": size}),
+                                 extras=frozen({**config.extras, "trigger_size": size}))  # the result records it
     # The poisoned samples are chosen as a random forget set across all classes (upstream forces class -1).
-    split_args = copy.copy(args)
-    split_args.class_to_replace = -1
-    clean = setup_run(split_args, need_forget=False, data=data)
-    clean = dataclasses.replace(clean, args=args)
-    poison = Poison(dataset=args.dataset, target=args.class_to_replace, trigger_size=args.trigger_size,
+    as_random = dataclasses.replace(config, data=dataclasses.replace(config.data, class_to_replace=-1))
+    clean = prepare(as_random, data=data, need_forget=False)
+    poison = Poison(dataset=config.data.dataset, target=config.data.class_to_replace, trigger_size=size,
                     indices=clean.split.forget)
-    poisoned_data = poison_data(clean.data, poison)
-    poisoned = dataclasses.replace(clean, data=poisoned_data,
-                                   splits=dataclasses.replace(clean.splits, data=poisoned_data), _retrain_eval={})
-    model_path = Path(args.mask) if args.mask else backdoor_model_path(args, poison)
-    return BackdoorRun(clean=clean, poisoned=poisoned, poison=poison, model_path=model_path)
+    poisoned = clean.with_data(poison_data(clean.data, poison))
+    model_path = Path(config.method.model_path) if config.method.model_path else backdoor_model_path(config, poison)
+    return BackdoorRun(config=config, clean=clean, poisoned=poisoned, poison=poison, model_path=model_path)
 
 
-def train_poisoned_model(bd: BackdoorRun, resume: bool = False, plot: bool = True) -> dict:
-    """Train on retain + poisoned samples with the original model's recipe (training.train_model, as main_baseline.py);
-    the best-by-validation weights (validation is clean) go to the model path with weights-only metadata."""
-    run, args, poison = bd.poisoned, bd.poisoned.args, bd.poison
-    set_seed(args.seed)
-    model = build_model(args, run.data, init_seed=args.train_seed).to(run.device)
-    meta = model_metadata(run, "backdoor", split_hash=run.split.hash, poison_hash=poison.hash, target=poison.target,
+def train_poisoned_model(bd: BackdoorRun) -> dict:
+    """Train on retain + poisoned samples with the original model's recipe (as main_baseline.py); the best-by-validation
+    weights (validation is clean) go to the model path with weights-only metadata."""
+    p, c, poison = bd.poisoned, bd.config, bd.poison
+    set_seed(c.data.seed)
+    model = build_model(p, c.model.width, init_seed=c.model.train_seed).to(p.device)
+    meta = model_metadata(p, "backdoor", split_hash=p.split.hash, poison_hash=poison.hash, target=poison.target,
                           trigger_size=poison.trigger_size, num_poisoned=int(len(poison.indices)))
     name = bd.model_path.name
     last = bd.model_path.with_name((name[:-len(".pth.tar")] if name.endswith(".pth.tar") else name) + "_last.pth.tar")
-    result = train_model(model, run.splits, run.recipe, seed=args.seed, part="train", last_checkpoint=last,
-                         resume=resume, metadata=meta, progress=run.progress, desc="backdoor")
+    result = train_model(model, p.splits, c.model.recipe, seed=c.data.seed, part="train", last_checkpoint=last,
+                         resume=c.output.resume, metadata=meta, progress=p.progress, desc="backdoor")
     model.load_state_dict(result.best_state)
     metrics = backdoor_metrics(model, bd.clean.splits, poison, bd.count_target_class)
     atomic_torch_save(bd.model_path, {**meta, "state_dict": result.best_state, "epoch": result.best_epoch,
                                       "best_val": result.best_val, "history": result.history,
                                       "train_seconds": result.seconds, **metrics})
-    if plot:
+    if c.output.plots:
         plot_history(result.history, bd.model_path.with_suffix("").with_suffix(".png"),
-                     title=f"backdoored {args.arch} {args.dataset}")
+                     title=f"backdoored {c.model.arch} {c.data.dataset}")
     return {"best_epoch": result.best_epoch, "train_seconds": result.seconds, **metrics}
 
 
@@ -328,10 +261,9 @@ def ensure_poisoned_model(bd: BackdoorRun) -> tuple[dict, dict | None]:
     if not bd.model_path.is_file():
         with file_lock(bd.model_path):
             if not bd.model_path.is_file():  # another job may have trained it while this one waited
-                print(f"backdoored model '{bd.model_path}' is missing: training it ({bd.clean.args.arch}, "
-                      f"{bd.clean.args.epochs} epochs)", flush=True)
-                trained = train_poisoned_model(bd, resume=bd.clean.args.resume,
-                                               plot=not getattr(bd.clean.args, "no_plots", False))
+                print(f"backdoored model '{bd.model_path}' is missing: training it ({bd.config.model.arch}, "
+                      f"{bd.config.model.epochs} epochs)", flush=True)
+                trained = train_poisoned_model(bd)
                 print(f"trained the backdoored model -> {bd.model_path} (best epoch {trained['best_epoch']}, "
                       f"{trained['train_seconds']:.1f} s)")
     if trained is not None:
@@ -342,17 +274,14 @@ def ensure_poisoned_model(bd: BackdoorRun) -> tuple[dict, dict | None]:
     return backdoor_metrics(model, bd.clean.splits, bd.poison, bd.count_target_class), None
 
 
-def run_backdoor_cell(args: argparse.Namespace, tracker=None, experiment_id: str | None = None,
-                      data: ImageData | None = None) -> dict:
-    """The whole experiment for one (method, seed): train or load the backdoored model, measure clean accuracy and ASR,
-    unlearn the poisoned samples with `args.unlearn`, measure again, write the result JSON (`result_path(args)`) and,
-    unless --no-save-model, the unlearned checkpoint. `tracker`: a `tracking` tracker (None = no tracking).
-    Returns the result dict (`result["result_file"]` is where it was written). The benchmark calls this per cell."""
-    if data is None:
-        args, data = check_backdoor_inputs(args)
-    bd = setup_backdoor(args, data)
-    args = bd.clean.args
-    print(f"{args.dataset}: backdoor with target {bd.poison.target}, {len(bd.poison.indices)} poisoned of "
+def run_backdoor(bd: BackdoorRun, tracker=None, experiment_id: str | None = None) -> dict:
+    """The whole experiment for one (method, seed): the backdoored model (trained or loaded), clean accuracy and ASR
+    before, unlearning of the poisoned samples, the same after; the result JSON (written once) and, unless
+    --no-save-model, the unlearned checkpoint. `tracker`: a `tracking` tracker (None = no tracking)."""
+    from tracking import NullRun, ending
+
+    c = bd.config
+    print(f"{c.data.dataset}: backdoor with target {bd.poison.target}, {len(bd.poison.indices)} poisoned of "
           f"{len(bd.clean.split.train)} training samples, {bd.poison.trigger_size}x{bd.poison.trigger_size} trigger; "
           f"retain {len(bd.clean.split.retain)}, val {len(bd.clean.split.val)}, test {len(bd.clean.split.test)}; "
           f"poison {bd.poison.hash} on {device_name(bd.clean.device)}")
@@ -370,50 +299,63 @@ def run_backdoor_cell(args: argparse.Namespace, tracker=None, experiment_id: str
     extra = {**before, "scenario": "backdoor", "asr_counts_target_class": bd.count_target_class,
              "asr_note": asr_note(bd.poison, bd.count_target_class), "poison": bd.poison.to_json(),
              "backdoor_model": model_info}
-    out_path = result_path(args)
-    save_model = not getattr(args, "no_save_model", False)
-    tracked = tracker is not None
+    out_path = result_path(c)
+    checkpoint = checkpoint_path(c) if c.output.save_model else None
     handle = NullRun()
-    if tracked:
-        hp = resolve_hyperparameters(resolve_method(args.unlearn, args.grad_mask), method_hyperparameters(args),
-                                     dataset=args.dataset)
-        tags = {**run_tags(args, bd.poisoned), "scenario": "backdoor", "poison_hash": bd.poison.hash}
-        handle = tracker.start_run(experiment_id, run_name(args), tags=tags,
-                                   parent_run_id=getattr(args, "parent_run_id", None),
-                                   params={**vars(args), **{f"hp.{k}": v for k, v in hp.items()}})
+    if tracker is not None:
+        tags = {**run_tags(c.flags, bd.poisoned.split.hash, device_name(bd.poisoned.device)), "scenario": "backdoor", "poison_hash": bd.poison.hash}
+        handle = tracker.start_run(experiment_id, run_name(c), tags=tags, parent_run_id=c.tracking.parent_run_id,
+                                   params=run_params(c))
         handle.log_metrics({"clean_acc": before["clean_acc"], "asr": before["asr"]}, step=0)
-    epoch_eval = not getattr(args, "no_epoch_eval", False)  # curves with the ASR per epoch, as mlflow_forget.py
+    epoch_eval = c.eval.epoch_eval  # curves with the ASR per epoch, as mlflow_forget.py
 
     def on_epoch(epoch: int, metrics: dict, stats: dict) -> None:
-        if tracked:
-            handle.log_epoch(epoch, metrics)
-            handle.log_metrics({k: metrics[k] for k in ("clean_acc_unlearn", "asr_unlearn")}, step=epoch)
+        handle.log_epoch(epoch, metrics)
+        handle.log_metrics({k: metrics[k] for k in AFTER_KEYS}, step=epoch)
 
     with ending(handle):
-        result = unlearn_and_evaluate(bd.poisoned, model_path=bd.model_path, per_epoch_eval=epoch_eval,
-                                      on_epoch=on_epoch if epoch_eval else None, write_files=save_model,
-                                      paths={"result": out_path, "checkpoint": checkpoint_path(args)},
-                                      scenario_metrics=after_metrics, extra=extra)
-        if not save_model:  # unlearn_and_evaluate wrote nothing: the result and the split indices still are
-            split_file = Path(result["split_file"])
-            if not split_file.is_file():
-                bd.clean.split.save(split_file)
-            write_result(out_path, result)
-        if tracked:
+        unl = unlearn_or_keep_last(bd.poisoned, checkpoint, model_path=bd.model_path, epoch_eval=epoch_eval,
+                                   on_epoch=on_epoch if epoch_eval and tracker is not None else None,
+                                   scenario_metrics=after_metrics)
+        result = with_attacks(bd.poisoned, unl, evaluate(bd.poisoned, unl, scenario_metrics=after_metrics, extra=extra))
+        record = tracking_record(tracker, handle) if tracker is not None else None
+        if record:
+            result["tracking"] = record
+        write_outputs(bd.poisoned, result, out_path, unl.model, checkpoint, scenario_keys=AFTER_KEYS)
+        if tracker is not None:
             if not epoch_eval:  # otherwise the last epoch's entry already holds the final numbers
                 handle.log_epoch(result["epochs_run"], result)
-                handle.log_metrics({k: result[k] for k in ("clean_acc_unlearn", "asr_unlearn")},
-                                   step=result["epochs_run"])
-            handle.log_files(out_path, config=vars(args), split_file=Path(result["split_file"]))
-    return link_result(handle, result, out_path)
+                handle.log_metrics({k: result[k] for k in AFTER_KEYS}, step=result["epochs_run"])
+            handle.log_files(out_path, config=c.args_record(), split_file=Path(result["split_file"]))
+    return result
 
 
-def run_backdoor_argv(argv: Sequence[str]) -> dict:
-    """A benchmark cell from its command line (the `run_cell` hook of the sweep's scenario registry; untracked: the
-    sweep logs finished cells itself)."""
-    return run_backdoor_cell(parse_backdoor_args(argv))
+def run_backdoor_argv(argv: list[str]) -> dict:
+    """A benchmark cell from its command line (untracked: the sweep logs finished cells itself)."""
+    from arg_parser import parse_config
+
+    return run_backdoor(setup_backdoor(parse_config(argv, "main_backdoor.py")))
 
 
 def format_backdoor_line(result: dict) -> str:
     return (f"clean accuracy {result['clean_acc']:.2f} -> {result['clean_acc_unlearn']:.2f} %, "
             f"ASR {result['asr']:.2f} -> {result['asr_unlearn']:.2f} %, RTE {result['RTE_seconds']:.2f} s")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The scenario of the benchmark
+# ---------------------------------------------------------------------------------------------------------------------
+
+BACKDOOR_TARGET = 0  # upstream's default target label (--class_to_replace 0)
+BACKDOOR_METRICS = (("clean_acc", "clean acc before"), ("asr", "ASR before"), ("clean_acc_unlearn", "clean acc after"),
+                    ("asr_unlearn", "ASR after"), ("RTE_seconds", "RTE (s)"))
+
+register_scenario(Scenario(
+    "backdoor", f"backdoor cleanse: forget_fraction of the training split poisoned with the trigger, target class "
+                f"{BACKDOOR_TARGET}; the poisoned samples are the forget set",
+    lambda settings, train_size: {"class_to_replace": BACKDOOR_TARGET,
+                                  "num_indexes_to_replace": forget_count(settings, train_size)},
+    script="main_backdoor.py", run_cell=run_backdoor_argv, references=False, metrics=BACKDOOR_METRICS,
+    note=f"backdoor: target class {BACKDOOR_TARGET}, forget_fraction of the training split poisoned; each cell trains "
+         f"(once per seed, shared by the methods) or loads the backdoored model; clean acc = test accuracy on clean "
+         f"images; ASR = % of triggered test images of the other classes classified as the target (main_backdoor.py)."))

@@ -3,8 +3,8 @@
 Both loops train the same architecture from the same initialisation on the same batches (same order, same device),
 alternating repetitions so that machine load affects both equally. Prints the time per epoch and the ratio.
 
-    python benchmarks/train_loop_overhead.py                                   # digits, width-16 ResNet-18
-    python benchmarks/train_loop_overhead.py --synthetic-cifar 45000 --width 64 --device cuda   # CIFAR-shaped data
+    python perf/train_loop_overhead.py                                   # digits, width-16 ResNet-18
+    python perf/train_loop_overhead.py --synthetic-cifar 45000 --width 64 --device cuda   # CIFAR-shaped data
 """
 from __future__ import annotations
 

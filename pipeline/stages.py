@@ -1,0 +1,418 @@
+"""The stages of a run, each written once; entry scripts and benchmark cells compose them in this order:
+
+    prepare (device, data, split)  ->  original / Retrain models (load, or train when missing)  ->  unlearn
+    ->  evaluate (population metrics; per-example attacks in `pipeline.mia`)  ->  write files (each once, atomically)
+    ->  track (`pipeline.tracked`)
+
+A stage takes the typed `RunConfig` (or the `Prepared` run built from it) and plain values, and returns values;
+nothing here reads an argparse namespace or imports mlflow.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dataset import ImageData, Split, SplitData, load_dataset, make_split
+from evaluation import Evaluation, build_result, evaluate_model, write_result
+from models import create_model
+from pipeline import paths
+from pipeline.config import RunConfig
+from training import plot_history, train_model
+from unlearn import UnlearnContext, UnlearnOutcome, resolve_method, run_unlearning
+from unlearn.registry import ResolvedMethod
+from utils import (DivergenceError, UserError, atomic_torch_save, atomic_write_json, device_name, ensure_writable_dir,
+                   file_lock, load_checkpoint, make_generator, resolve_device, set_seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data and split
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """A configuration made concrete: the device, the data on it, the split and its loaders."""
+
+    config: RunConfig
+    device: torch.device
+    data: ImageData
+    split: Split
+    splits: SplitData
+    retrain_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def save_dir(self) -> Path:
+        return self.config.output.save_dir
+
+    @property
+    def progress(self) -> bool:
+        return self.config.output.progress
+
+    def with_data(self, data: ImageData) -> "Prepared":
+        """The same split on other images (the backdoor's poisoned copy), with its own Retrain cache."""
+        splits = SplitData(data, self.split, batch_size=self.splits.batch_size, augment=self.splits.augment)
+        return Prepared(self.config, self.device, data, self.split, splits)
+
+
+def describe_scenario(split: Split) -> str:
+    if split.scenario == "classwise":
+        return f"class-wise forgetting of class {split.class_to_replace} ({len(split.forget)} samples; class removed from test)"
+    if split.scenario == "subclass":
+        return f"sub-class forgetting: {len(split.forget)} samples of class {split.class_to_replace}"
+    return f"random forgetting: {len(split.forget)} samples across all classes"
+
+
+def load_data(config: RunConfig) -> ImageData:
+    return load_dataset(config.data.dataset, config.data.root, download=config.data.download)
+
+
+def make_run_split(config: RunConfig, data: ImageData, need_forget: bool = True) -> Split:
+    """The forget / retain split; a forget set that leaves no retain sample is refused (nothing would be learnt)."""
+    d = config.data
+    if d.num_indexes_to_replace is None and d.class_to_replace == -1 and not need_forget:
+        return make_split(data, 0, None, seed=d.seed, split_mode=d.split_mode)  # any split: only `train` is used
+    split = make_split(data, d.class_to_replace, d.num_indexes_to_replace, seed=d.seed, split_mode=d.split_mode)
+    if need_forget and len(split.retain) == 0:
+        raise UserError(f"the forget set takes all {len(split.train)} training samples and leaves no retain set; "
+                        f"allowed: --num_indexes_to_replace below {len(split.train)}")
+    return split
+
+
+def prepare(config: RunConfig, data: ImageData | None = None, need_forget: bool = True,
+            announce: bool = True) -> Prepared:
+    """Device, data (loaded unless given) and split. Validates the forget set before anything is written."""
+    device = resolve_device(config.device)
+    data = (data if data is not None else load_data(config)).to(device)
+    split = make_run_split(config, data, need_forget)
+    if need_forget and announce:
+        print(f"{config.data.dataset}: {describe_scenario(split)}; retain {len(split.retain)}, val {len(split.val)}, "
+              f"test {len(split.test)}; split {split.hash} on {device_name(device)}")
+    splits = SplitData(data, split, batch_size=config.data.batch_size, augment=config.data.augment)
+    return Prepared(config=config, device=device, data=data, split=split, splits=splits)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models and checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+def build_model(p: Prepared, width: int | None, init_seed: int | None = None) -> torch.nn.Module:
+    """A fresh model; with `init_seed` its initialisation is reproducible (Retrain shares the original's init)."""
+    if init_seed is not None:
+        torch.manual_seed(init_seed)
+    return create_model(p.config.model.arch, num_classes=p.data.num_classes, in_channels=p.data.in_channels,
+                        width=width, mean=p.data.mean, std=p.data.std)
+
+
+def model_metadata(p: Prepared, kind: str, **extra: Any) -> dict:
+    """What a checkpoint records about the settings that made it (compared on --resume and on load)."""
+    c = p.config
+    recipe = c.model.recipe
+    return {"kind": kind, "arch": c.model.arch, "dataset": c.data.dataset, "num_classes": p.data.num_classes,
+            "in_channels": p.data.in_channels, "width": c.model.width, "seed": c.data.seed,
+            "train_seed": c.model.train_seed, "epochs": c.model.epochs, "lr": recipe.lr, "momentum": recipe.momentum,
+            "weight_decay": recipe.weight_decay, "batch_size": recipe.batch_size,
+            "milestones": list(recipe.milestones), "warmup": recipe.warmup, "augment": c.data.augment,
+            "torch_version": str(torch.__version__), **extra}
+
+
+def check_metadata(payload: dict, path: Path, p: Prepared) -> None:
+    """One-line error when a checkpoint was written for another arch, dataset, class count or width."""
+    c = p.config
+    expected = {"arch": c.model.arch, "dataset": c.data.dataset, "num_classes": p.data.num_classes,
+                "in_channels": p.data.in_channels}
+    for key, want in expected.items():
+        have = payload.get(key)
+        if have is not None and have != want:
+            raise UserError(f"checkpoint '{path}' was written for {key}={have}, but {key}={want} was requested; "
+                            f"pass matching --{'dataset' if key in ('num_classes', 'in_channels') else key}")
+    width = payload.get("width")
+    if width is not None and c.model.width is not None and width != c.model.width:
+        raise UserError(f"checkpoint '{path}' has width {width}, but --width {c.model.width} was requested")
+
+
+def load_model(path: str | Path, p: Prepared) -> tuple[torch.nn.Module, dict]:
+    """Load a weights-only checkpoint into a freshly built model, after checking its metadata. The recorded width
+    wins when --width was left unset."""
+    path = Path(path)
+    payload = load_checkpoint(path)
+    check_metadata(payload, path, p)
+    width = p.config.model.width if p.config.model.width is not None else payload.get("width")
+    model = build_model(p, width).to(p.device)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"checkpoint '{path}' does not fit --arch {p.config.model.arch} on {p.config.data.dataset} "
+                        f"({first[:150]})") from exc
+    return model, payload
+
+
+def train_reference(p: Prepared, retrain: bool, resume: bool = False, checkpoint_path: str | Path | None = None) -> dict:
+    """Train the original model (whole training split; best-by-validation weights) or the Retrain reference (retain
+    set, same recipe and initialisation; final weights). Writes the checkpoint, a JSON summary and the curve plot."""
+    c = p.config
+    set_seed(c.data.seed)
+    model = build_model(p, c.model.width, init_seed=c.model.train_seed).to(p.device)
+    default_best = paths.original_model(p.save_dir, c.data, c.model)
+    if retrain:
+        best_path = paths.retrain_model(p.save_dir, c.data, c.model, p.split.tag)
+        last_path = paths.retrain_rolling(best_path)
+        part, kind, split_hash, split_tag = "retain", "retrain", p.split.hash, p.split.tag
+    else:
+        best_path = Path(checkpoint_path) if checkpoint_path else default_best
+        last_path = paths.original_rolling(best_path, default_best)
+        part, kind, split_hash, split_tag = "train", "original", None, None
+    meta = model_metadata(p, kind, split_hash=split_hash, split_tag=split_tag)
+    ensure_writable_dir(best_path.parent)
+    result = train_model(model, p.splits, c.model.recipe, seed=c.data.seed, part=part, last_checkpoint=last_path,
+                         resume=resume, metadata=meta, progress=p.progress, desc=kind)
+    state = result.model.state_dict() if retrain else result.best_state
+    model.load_state_dict(state)
+    evaluation = evaluate_model(model, p.splits, with_mia=retrain)
+    accuracy = {"train": result.history["train_acc"][-1],
+                "val": result.history["val_acc"][-1] if retrain else result.best_val,
+                "test": evaluation.accuracy["test"]}
+    atomic_torch_save(best_path, {**meta, "state_dict": state, "epoch": c.model.epochs if retrain else result.best_epoch,
+                                  "accuracy": accuracy, "history": result.history, "train_seconds": result.seconds})
+    plot_history(result.history, paths.companion(best_path, ".png"), title=f"{kind} {c.model.arch} {c.data.dataset}")
+    summary = {"checkpoint": str(best_path), "kind": kind, "accuracy": accuracy, "best_epoch": result.best_epoch,
+               "train_seconds": result.seconds, "device": device_name(p.device), "split_hash": p.split.hash,
+               "evaluation": evaluation.accuracy, "args": c.args_record()}
+    atomic_write_json(paths.companion(best_path, ".json"), summary)
+    return summary
+
+
+def find_retrain_checkpoint(p: Prepared) -> Path | None:
+    """The Retrain reference of this split in --save_dir: the exact name first, else any recipe with the same split."""
+    c = p.config
+    exact = paths.retrain_model(p.save_dir, c.data, c.model, p.split.tag)
+    if exact.is_file():
+        return exact
+    matches = sorted(glob.glob(str(p.save_dir / paths.retrain_pattern(c.data, c.model, p.split.tag))))
+    return Path(matches[0]) if matches else None
+
+
+def ensure_original(p: Prepared, path: Path) -> bool:
+    """Train the original model into `path` unless it exists (once, even when many jobs ask). True when trained."""
+    if path.is_file():
+        return False
+    with file_lock(path):
+        if path.is_file():  # another job trained it while this one waited
+            return False
+        print(f"original model '{path}' is missing: training it ({p.config.model.arch}, {p.config.model.epochs} "
+              f"epochs)", flush=True)
+        summary = train_reference(p, retrain=False, checkpoint_path=path)
+        print(f"original model: test {summary['accuracy']['test']:.2f} % ({summary['train_seconds']:.1f} s)", flush=True)
+    return True
+
+
+def ensure_retrain(p: Prepared) -> bool:
+    """Train the Retrain reference of this split into --save_dir unless one exists. True when trained."""
+    if find_retrain_checkpoint(p) is not None:
+        return False
+    c = p.config
+    with file_lock(paths.retrain_model(p.save_dir, c.data, c.model, p.split.tag)):
+        if find_retrain_checkpoint(p) is not None:
+            return False
+        print(f"Retrain reference for split {p.split.tag} is missing: training it ({c.model.epochs} epochs)", flush=True)
+        summary = train_reference(p, retrain=True)
+        print(f"Retrain reference: test {summary['accuracy']['test']:.2f} % ({summary['train_seconds']:.1f} s)",
+              flush=True)
+    return True
+
+
+def ensure_references(p: Prepared) -> dict[str, bool]:
+    """Both references of a run; Retrain is skipped when the method *is* retrain (it would train the same model twice)."""
+    trained = {"original": ensure_original(p, paths.model_to_unlearn(p.config))}
+    trained["retrain"] = False if p.config.method.base == "retrain" else ensure_retrain(p)
+    return trained
+
+
+def retrain_evaluation(p: Prepared) -> tuple[Evaluation | None, Path | None]:
+    """The Retrain reference of the split, evaluated once per file version (cached on the prepared run)."""
+    path = find_retrain_checkpoint(p)
+    if path is None:
+        return None, None
+    key = (str(path), os.path.getmtime(path))
+    if key not in p.retrain_cache:
+        model, payload = load_model(path, p)
+        if payload.get("split_hash") not in (None, p.split.hash):
+            raise UserError(f"Retrain checkpoint '{path}' was trained for split {payload['split_hash']}, not "
+                            f"{p.split.hash}")
+        p.retrain_cache[key] = evaluate_model(model, p.splits)
+    return p.retrain_cache[key], path
+
+
+def retrain_reference_result(p: Prepared) -> dict:
+    """The Retrain row of a table: the Retrain reference evaluated like any method, its training time as RTE."""
+    path = find_retrain_checkpoint(p)
+    if path is None:
+        raise UserError(f"no Retrain reference for split {p.split.tag} in {p.save_dir}")
+    model, payload = load_model(path, p)
+    evaluation = evaluate_model(model, p.splits)
+    extra = {"method": "Retrain", "reference": True, "scenario": p.split.scenario, "device": device_name(p.device),
+             "retrain_model": str(path), "epochs_run": payload.get("epochs"), "hyperparameters": {}}
+    return build_result(evaluation, p.config.args_record(), p.split.hash,
+                        float(payload.get("train_seconds", float("nan"))), evaluation, extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Unlearning
+# ---------------------------------------------------------------------------------------------------------------------
+
+EpochHook = Callable[[int, dict, dict], None]
+ScenarioMetrics = Callable[[torch.nn.Module], dict]
+
+
+@dataclass
+class Unlearned:
+    """What the unlearning stage hands to evaluation and the writers."""
+
+    method: ResolvedMethod
+    hp: dict
+    model: torch.nn.Module                # the model to evaluate (BE: without its shadow class)
+    outcome: UnlearnOutcome
+    curves: list[dict]
+    model_path: Path
+    original_meta: dict
+    retrain_eval: Evaluation | None
+    retrain_path: Path | None
+    width: int | None
+
+
+class Diverged(DivergenceError):
+    """A method diverged; `model` holds the last finite weights (for the caller to keep on disk)."""
+
+    def __init__(self, message: str, epoch: int, model: torch.nn.Module):
+        super().__init__(message, epoch)
+        self.model = model
+
+
+def unlearn(p: Prepared, model_path: str | Path | None = None, epoch_eval: bool = False,
+            on_epoch: EpochHook | None = None, scenario_metrics: ScenarioMetrics | None = None) -> Unlearned:
+    """Load the model to unlearn, run the configured method with the shared driver, and return the result in memory.
+
+    With `epoch_eval` (or an `on_epoch` hook) the model is evaluated after every epoch, outside the RTE timer, and
+    `on_epoch(epoch, metrics, stats)` receives the metrics (the final result's keys plus cumulative RTE)."""
+    c = p.config
+    method = resolve_method(c.method.name, c.method.grad_mask)
+    hp = dict(c.method.hp)
+    model_path = Path(model_path or paths.model_to_unlearn(c))
+    model, payload = load_model(model_path, p)
+    original_meta = {k: payload.get(k) for k in ("kind", "epoch", "accuracy", "arch", "dataset", "width")}
+    retrain_eval, retrain_path = retrain_evaluation(p)
+    if retrain_eval is None:
+        print(f"note: no Retrain reference for split {p.split.tag} in {p.save_dir}; rUA, agreement and Avg. Gap "
+              f"are left out (train it with main_baseline.py --retrain)")
+    set_seed(c.method.unlearn_seed)
+    width = payload.get("width") or c.model.width
+    ctx = UnlearnContext(
+        model=model, data=p.splits, generator=make_generator(c.method.unlearn_seed), hp=hp,
+        model_factory=lambda: build_model(p, width, init_seed=c.model.train_seed),
+        train_recipe=c.model.recipe, retrain_seed=c.data.seed, artifacts_dir=p.save_dir, progress=p.progress,
+        paper_era=c.method.paper_era,
+    )
+    instance = method.cls(ctx)
+    instance.name = method.name
+    curves: list[dict] = []
+
+    def epoch_hook(epoch: int, eval_model: torch.nn.Module, stats: dict, rte: float) -> None:
+        if not epoch_eval and on_epoch is None:
+            return
+        metrics = epoch_metrics(p, eval_model, rte, retrain_eval, scenario_metrics)
+        metrics.update({f"stat_{k}": v for k, v in stats.items()})
+        curves.append({"epoch": epoch, **metrics})
+        if on_epoch:
+            on_epoch(epoch, metrics, stats)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")
+        try:
+            outcome = run_unlearning(instance, hp.get("epochs", 1), on_epoch=epoch_hook, progress=p.progress)
+        except DivergenceError as exc:  # the driver restored the last finite weights: hand them to the caller
+            raise Diverged(str(exc), exc.epoch, instance.evaluation_model()) from exc
+    return Unlearned(method=method, hp=hp, model=instance.evaluation_model(), outcome=outcome, curves=curves,
+                     model_path=model_path, original_meta=original_meta, retrain_eval=retrain_eval,
+                     retrain_path=retrain_path, width=width)
+
+
+def epoch_metrics(p: Prepared, model: torch.nn.Module, rte: float, retrain_eval: Evaluation | None,
+                  scenario_metrics: ScenarioMetrics | None = None) -> dict:
+    evaluation = evaluate_model(model, p.splits)
+    metrics = build_result(evaluation, {}, p.split.hash, rte, retrain_eval)
+    metrics.pop("args"), metrics.pop("split_hash")
+    if scenario_metrics:
+        metrics.update(scenario_metrics(model))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation and files
+# ---------------------------------------------------------------------------------------------------------------------
+
+def evaluate(p: Prepared, unl: Unlearned, scenario_metrics: ScenarioMetrics | None = None,
+             extra: dict | None = None) -> dict:
+    """The result dict of an unlearned model: population metrics, the Retrain comparison, the run's record."""
+    evaluation = evaluate_model(unl.model, p.splits)
+    record = {
+        "method": unl.method.label, "hyperparameters": unl.hp, "device": device_name(p.device),
+        "epochs_run": unl.outcome.epochs_run, "epoch_stats": unl.outcome.epoch_stats, "scenario": p.split.scenario,
+        "split_file": str(paths.split_file(p.save_dir, p.split.tag)),
+        "original_model": {"path": str(unl.model_path), **unl.original_meta},
+        "retrain_model": str(unl.retrain_path) if unl.retrain_path else None,
+    }
+    if unl.curves:
+        record["curves"] = unl.curves
+    record.update(extra or {})
+    if scenario_metrics:
+        record.update(scenario_metrics(unl.model))
+    return build_result(evaluation, p.config.args_record(), p.split.hash, unl.outcome.rte_seconds, unl.retrain_eval,
+                        record)
+
+
+EVALUATION_KEYS = ("accuracy", "UA", "RA", "TA", "MIA_efficacy")
+
+
+def save_unlearned_model(p: Prepared, unl_method_label: str, model: torch.nn.Module, path: Path,
+                         evaluation: dict | None = None, **extra: Any) -> Path:
+    payload = {**model_metadata(p, "unlearned", split_hash=p.split.hash, method=unl_method_label, **extra),
+               "state_dict": model.state_dict()}
+    if evaluation is not None:
+        payload["evaluation"] = evaluation
+    return atomic_torch_save(path, payload)
+
+
+def save_diverged(p: Prepared, exc: Diverged, path: Path) -> Diverged:
+    """Keep the last finite weights of a diverged run on disk, and say where in the error."""
+    method = resolve_method(p.config.method.name, p.config.method.grad_mask)
+    save_unlearned_model(p, method.label, exc.model, path, diverged_at_epoch=exc.epoch)
+    exc.args = (f"{exc.args[0]}; last finite weights saved to {path}",)
+    return exc
+
+
+def write_outputs(p: Prepared, result: dict, result_path: Path, model: torch.nn.Module | None = None,
+                  checkpoint_path: Path | None = None, scenario_keys: tuple[str, ...] = ()) -> Path:
+    """The run's files, each written once and atomically: the split indices (when new), the unlearned checkpoint
+    (when a path is given) and the result JSON last, so a result on disk always has its companions."""
+    split_file = Path(result["split_file"])
+    if not split_file.is_file():
+        p.split.save(split_file)
+    if model is not None and checkpoint_path is not None:
+        evaluation = {**{k: result[k] for k in EVALUATION_KEYS}, **{k: result[k] for k in scenario_keys if k in result}}
+        save_unlearned_model(p, result["method"], model, checkpoint_path, evaluation)
+    write_result(result_path, result)
+    result["result_file"] = str(result_path)
+    return result_path
+
+
+def format_result_line(result: dict) -> str:
+    parts = [f"UA {result['UA']:.2f}", f"RA {result['RA']:.2f}", f"TA {result['TA']:.2f}",
+             f"MIA-Eff {result['MIA_efficacy']:.2f}", f"RTE {result['RTE_seconds']:.2f}s"]
+    if "avg_gap" in result:
+        parts += [f"rUA {result['rUA']:+.2f}", f"agreement {result['agreement']:.2f}", f"Avg.Gap {result['avg_gap']:.2f}"]
+    return ", ".join(parts)

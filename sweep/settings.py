@@ -1,0 +1,119 @@
+"""The settings of a sweep, its per-method hyper-parameter files, and the checks of where it writes."""
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scenarios import SCENARIOS
+from scenarios.classwise import CLASSWISE_CLASS
+from unlearn import list_methods
+from utils import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class Settings:
+    datasets: list[str]
+    archs: list[str]
+    scenarios: list[str]
+    methods: list[str]
+    seeds: list[int]
+    out: Path
+    data: str = "../data"
+    device: str = "auto"
+    epochs: int | None = None
+    unlearn_epochs: int | None = None
+    width: int | None = None
+    forget_fraction: float = 0.1
+    forget_class: int = CLASSWISE_CLASS
+    epoch_eval: str = "masked"  # all | masked | none
+    grid: dict = field(default_factory=dict)
+    config: Path | None = None  # per-method hyper-parameters; default configs/benchmark_<dataset>.json when present
+    jobs: int = 1
+    rerun: bool = False
+    no_download: bool = False
+
+
+def load_settings_file(path: Path, what: str) -> dict[str, dict]:
+    """{"<method or glob>": {"<flag>": value or [values], "scenarios": {"<scenario>": {...}}}}, validated."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{what} '{path}' is not readable JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise UserError(f"{what} '{path}' must be a JSON object {{method: {{flag: [values]}}}}")
+    names = list_methods()
+    for pattern, entry in payload.items():
+        if not fnmatch.filter(names, pattern):
+            raise UserError(f"{what} '{path}': no method matches '{pattern}'; registered: {', '.join(names)}")
+        if not isinstance(entry, dict):
+            raise UserError(f"{what} '{path}': '{pattern}' must map flags to values")
+        _check_flags(entry, f"{what} '{path}', method '{pattern}'")
+        for scenario, sub in (entry.get("scenarios") or {}).items():
+            if scenario not in SCENARIOS or not isinstance(sub, dict):
+                raise UserError(f"{what} '{path}', method '{pattern}': unknown scenario '{scenario}'; "
+                                f"allowed: {', '.join(SCENARIOS)}")
+            _check_flags(sub, f"{what} '{path}', method '{pattern}', scenario '{scenario}'")
+    return payload
+
+
+def _check_flags(entry: dict, where: str) -> None:
+    # Imported here, not at the top: sweep.grid (the one place that knows the run flags) imports this module.
+    from sweep.grid import method_flags
+
+    for flag, values in entry.items():
+        if flag == "scenarios":
+            continue
+        if flag not in method_flags():
+            raise UserError(f"{where}: '{flag}' is not a method hyper-parameter flag; allowed: "
+                            f"{', '.join(sorted(method_flags()))}")
+        values = values if isinstance(values, list) else [values]
+        if not values or any(isinstance(v, (dict, list)) for v in values):
+            raise UserError(f"{where}: '{flag}' needs a value or a non-empty list of values")
+
+
+def method_combos(name: str, scenario: str, sources: list[dict]) -> list[dict[str, Any]]:
+    """The hyper-parameter combinations of one method in one scenario: entries matching the name (later sources and
+    scenario-specific values win), expanded as a cartesian product."""
+    merged: dict[str, list] = {}
+    for source in sources:
+        for pattern, entry in source.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                for part in (entry, (entry.get("scenarios") or {}).get(scenario, {})):
+                    merged.update({k: v if isinstance(v, list) else [v] for k, v in part.items() if k != "scenarios"})
+    keys = sorted(merged)
+    return [dict(zip(keys, values)) for values in itertools.product(*(merged[k] for k in keys))]
+
+
+def default_config_path(dataset: str) -> Path:
+    return CONFIG_DIR / f"benchmark_{dataset}.json"
+
+
+def check_output_path(path: str | os.PathLike, what: str, directory: bool) -> None:
+    """Raise UserError unless `path` is, or can be created as, a writable directory (`directory=True`) or file.
+
+    Checks only, creating nothing: it runs before any work, so that a path through a regular file (`--out
+    results.md/x`) or an unwritable folder is one line of error instead of a traceback after minutes of training."""
+    path = Path(path)
+    kind = "directory" if directory else "file"
+    if directory and path.exists() and not path.is_dir():
+        raise UserError(f"{what} '{path}' is a file; pass a directory path")
+    if not directory and path.is_dir():
+        raise UserError(f"{what} '{path}' is a directory; pass a file path")
+    if directory and path.is_dir():
+        existing = path
+    else:
+        existing = next(parent for parent in path.absolute().parents if parent.exists())
+        if not existing.is_dir():
+            raise UserError(f"{what} '{path}': '{existing}' is a file, so the {kind} cannot be created there; pass "
+                            f"a path below a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} '{path}': directory '{existing}' is not writable; pass a writable path")
