@@ -147,7 +147,7 @@ def test_bad_checkpoints_for_forget(trained, tmp_path):
     assert not (tmp_path / "rawevals_result.json").exists() and not (tmp_path / "raweval_result.json").exists()
 
 
-def test_seed_readme_flags_are_accepted():
+def test_original_readme_flags_are_accepted():
     """Every flag of the original README's commands parses (with digits in place of CIFAR)."""
     from arg_parser import parse_config
 
