@@ -3,13 +3,17 @@
     python benchmark.py                      # digits_noisy, random 10 % + class-wise (class 0), seeds 1 2 3
     python benchmark.py --methods 'NG*' FT --seeds 1 --jobs 2 --out benchmark_out/ng
     python benchmark.py --emit-commands cells.txt   # one mlflow_forget.py line per cell, for SLURM / GNU parallel
+    python benchmark.py --executor submitit --cluster slurm --slurm-partition gpu   # one SLURM job per cell
+    python benchmark.py --devices cuda:0 cuda:1     # one worker per GPU (default: every visible GPU)
+    python benchmark.py --tune --trials 4 --jobs 2 --out benchmark_out/tuned   # equal-budget search, then held-out table
 
 Trains what is missing (the original model per seed, the Retrain reference per forget setting and seed), runs each
 method configuration once per cell (aliases of one configuration run once), and writes <out>/results.md and
 results.csv (mean ± std over seeds; the Retrain row first, then methods by Avg. Gap), the trade-off plot and the
 masking family's per-epoch curves. Finished cells are kept in <out>/cells/, so a second invocation computes nothing
 new (--rerun recomputes). Tracked as one mlflow parent run with one nested child run per cell.
-Per-method hyper-parameters: configs/benchmark_<dataset>.json (when present) and --grid FILE, both
+Per-method hyper-parameters: configs/tuned_<dataset>.json (made by --tune; shipped for digits_noisy), else
+configs/benchmark_<dataset>.json (the hand-chosen values), when present, and --grid FILE, all
 {"method or glob": {"unlearn_lr": [..], "unlearn_epochs": [..], "scenarios": {"classwise": {...}}}} (lists are
 expanded as a cartesian product).
 
@@ -30,7 +34,9 @@ from dataset import list_datasets
 from models import list_models
 from scenarios import SCENARIOS
 from scenarios.classwise import CLASSWISE_CLASS
-from sweep import Settings, Sweep, check_output_path, load_settings_file
+from sweep import Settings, Sweep, check_output_path, default_config_path, load_settings_file
+from sweep.executors import add_execution_flags, execution_settings
+from sweep.tune import add_tune_flags, check_tune_args, plan_from_args, run_tune
 from utils import cli_main
 
 
@@ -65,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SCENARIO", help=f"forget scenarios ({', '.join(SCENARIOS)}; default random classwise)")
     g.add_argument("--methods", nargs="+", default=["*"], metavar="NAME",
                    help="method names or glob patterns (default: every registered method; retrain is the reference row)")
-    g.add_argument("--seeds", nargs="+", type=_positive, default=[1, 2, 3], help="seeds (default 1 2 3)")
+    g.add_argument("--seeds", nargs="+", type=_positive, default=None,
+                   help="seeds (default 1 2 3; with --tune: 1-5 for random, 1-3 for class-wise forgetting)")
     g.add_argument("--grid", default=None, metavar="FILE",
                    help='per-method hyper-parameter grid, JSON {"method": {"unlearn_lr": [..], "unlearn_epochs": [..]}}')
     g.add_argument("--config", default=None, metavar="FILE",
@@ -78,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=_positive, default=None, help="training epochs of the original and Retrain models")
     g.add_argument("--unlearn_epochs", type=_positive, default=None, help="unlearning epochs of every method")
     g.add_argument("--width", type=_positive, default=None, help="model width")
-    g.add_argument("--epoch-eval", dest="epoch_eval", default="masked", choices=["all", "masked", "none"],
-                   help="evaluate after every unlearning epoch for all methods, the masking family only, or none")
+    g.add_argument("--epoch-eval", dest="epoch_eval", default="all", choices=["all", "masked", "none"],
+                   help="evaluate after every unlearning epoch (outside the RTE timer) for all methods (default), the "
+                        "masking family only, or none (fastest)")
     g = p.add_argument_group("execution")
     g.add_argument("--jobs", type=_positive, default=None,
                    help="parallel worker processes, one thread each (default: CPU cores up to 8; 1 with CUDA)")
@@ -94,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--no-download", dest="no_download", action="store_true", help="never try to download data")
     g.add_argument("--no-progress", dest="no_progress", action="store_true", help="hide the progress bar")
+    add_tune_flags(p)
+    add_execution_flags(p)
     return p
 
 
@@ -103,18 +113,34 @@ def main(argv=None) -> int:
     if args.emit_commands:
         check_output_path(args.emit_commands, "--emit-commands", directory=False)
     grid = load_settings_file(Path(args.grid), "--grid file") if args.grid else {}
+    execution = execution_settings(args)
+    check_tune_args(args, _num_classes(args) if args.tune else {})
+    plan = plan_from_args(args) if args.tune else None
     settings = Settings(
-        datasets=args.datasets, archs=args.archs, scenarios=args.scenarios, methods=args.methods, seeds=args.seeds,
+        datasets=args.datasets, archs=args.archs, scenarios=args.scenarios, methods=args.methods,
+        seeds=args.seeds or [1, 2, 3],
         out=Path(args.out), data=args.data, device=args.device, epochs=args.epochs, unlearn_epochs=args.unlearn_epochs,
         width=args.width, forget_fraction=args.forget_fraction, forget_class=args.forget_class,
         epoch_eval=args.epoch_eval, grid=grid, config=Path(args.config) if args.config else None,
-        jobs=args.jobs or _default_jobs(), rerun=args.rerun, no_download=args.no_download)
+        jobs=args.jobs or _default_jobs(), rerun=args.rerun, **execution, no_download=args.no_download)
     experiment = args.experiment or f"benchmark-{'+'.join(args.datasets)}"
     tracker = experiment_id = None
     if args.track:  # checked before anything is trained or written
         from tracking import open_tracker
 
         tracker, experiment_id = open_tracker(experiment)
+    if plan is not None:
+        return _run_tune(settings, plan, tracker, experiment_id, args, argv)
+    for dataset in settings.datasets:  # say where the hyper-parameters come from
+        path = settings.config or default_config_path(dataset)
+        if path.is_file():
+            origin = "tuned by `benchmark.py --tune`, see its provenance key" if path.name.startswith("tuned_") \
+                else "hand-chosen"
+            hint = "; --config configs/benchmark_digits_noisy.json for the hand-chosen ones" \
+                if path.name == "tuned_digits_noisy.json" else ""
+            print(f"{dataset}: hyper-parameters from {os.path.relpath(path)} ({origin}{hint})")
+        else:
+            print(f"{dataset}: the methods' declared defaults (no {os.path.relpath(path)})")
     sweep = Sweep(settings, tracker, experiment_id, progress=not args.no_progress)
 
     if args.emit_commands:
@@ -135,11 +161,41 @@ def main(argv=None) -> int:
     print(f"computed {outcome.computed} cell(s), reused {outcome.reused}; {len(outcome.failed)} failed, "
           f"{len(outcome.errors)} errors; {outcome.seconds:.0f} s -> {settings.out / 'results.md'}, "
           f"{settings.out / 'results.csv'}")
+    if tracker is not None and not getattr(tracker, "broken", None):
+        from tracking import how_to_browse
+
+        print(how_to_browse(tracker.uri, experiment_id))
     for message in outcome.failed + outcome.errors:
         print(f"failed: {message}")
     if outcome.errors:
         return 1
     if not outcome.method_rows_with_results:
+        print(f"failed: no method cell has a result; see {settings.out / 'logs'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _num_classes(args) -> dict[str, int]:
+    from dataset import num_classes_of
+
+    return {name: num_classes_of(name) for name in args.datasets}
+
+
+def _run_tune(settings: Settings, plan, tracker, experiment_id, args, argv) -> int:
+    command = ["benchmark.py"] + (list(argv) if argv is not None else sys.argv[1:])
+    result = run_tune(settings, plan, tracker, experiment_id, progress=not args.no_progress, argv=command)
+    print(result["table"])
+    if result["comparison"]:
+        print(result["comparison"])
+    print(f"tuning: {result['tune_seconds']:.0f} s ({result['tune_cpu_seconds']:.0f} CPU s in cells); held-out "
+          f"evaluation: {result['eval_seconds']:.0f} s ({result['eval_cpu_seconds']:.0f} CPU s); computed "
+          f"{result['computed']} cell(s), reused {result['reused']}; {len(result['failed'])} failed, "
+          f"{len(result['errors'])} errors -> {result['tuned']}, {settings.out / 'results.md'}")
+    for message in result["failed"] + result["errors"]:
+        print(f"failed: {message}")
+    if result["errors"]:
+        return 1
+    if not result["method_rows"]:
         print(f"failed: no method cell has a result; see {settings.out / 'logs'}", file=sys.stderr)
         return 1
     return 0

@@ -392,9 +392,10 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
 def crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
     """RandomCrop(size, padding) + RandomHorizontalFlip on a batch, vectorised (one random draw per image)."""
     n, _, h, w = images.shape
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    # Drawn on the run's CPU generator; copies that do not block, since a blocking copy to a GPU waits for its queue.
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device, non_blocking=True)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device, non_blocking=True)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device, non_blocking=True)
     padded = torch.nn.functional.pad(images, (padding,) * 4)
     rows = dy[:, None] + torch.arange(h, device=images.device)
     cols = dx[:, None] + torch.arange(w, device=images.device)

@@ -3,14 +3,17 @@
 Conventions:
 * Backend: `MLFLOW_TRACKING_URI` when set (a remote `mlflow server` works), else SQLite `sqlite:///mlflow.db` in the
   working directory. A relative SQLite path is made absolute, so every process of a sweep writes the same database.
-* A run: params = every argument (plus `hp.*`, the method's resolved hyper-parameters); per-epoch metrics with
-  `step=epoch` (UA, RA, TA, MIA_efficacy, accuracy.*, SVC_MIA.<five features>, rUA, agreement, avg_gap, cumulative
-  RTE_seconds, kept_fraction for masked methods, stat.* for other epoch statistics); tags (git commit, device, torch
-  version, split hash, ...); artifacts (the result JSON, the resolved arguments `config.yaml`, the split indices,
-  per-epoch plots).
+* A run: params = `data.*` (data set and forget set), `train.*` (the recipe of the original and Retrain models),
+  `hp.*` (exactly the hyper-parameters the method uses), `method` (the name asked for) and `method.config` (what it
+  runs); never an internal flag or a missing value. Per-epoch metrics with `step` = unlearning epoch (UA, RA, TA,
+  MIA_efficacy, accuracy.train/val, SVC_MIA.<four other features>, rUA, agreement, avg_gap, cumulative RTE_seconds,
+  kept_fraction for masked methods, stat.* for other epoch statistics), each under one name only, and Retrain's final
+  values `retrain.UA|RA|TA|MIA_efficacy` at every step (a reference line on the same chart); tags (git commit, device,
+  torch version, split hash, aliases, ...); artifacts (the result JSON, the resolved arguments `config.yaml`, the
+  split indices, plots).
 * Sweeps: one parent run, one child per cell (tag `mlflow.parentRunId`, which the UI uses to group them), logged by
   the sweep's own process from each cell's result JSON (`log_result_run`: same params, metrics, tags and artifacts as
-  a live run, without the per-run plot; the parent holds the table and the sweep's plots).
+  a live run, with the cell's real start and end time; the parent holds the tables and the sweep's plots).
 * An unreachable server is a one-line `UserError` before any work. A failure later (the server went away) is a one-line
   warning; tracking stops for that process and the local result files carry on.
 """
@@ -26,11 +29,23 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
 
-from utils import UserError, file_lock, to_jsonable
+from utils import UserError, atomic_write_text, file_lock, to_jsonable
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SCALAR_METRICS = ("UA", "RA", "TA", "MIA_efficacy", "rUA", "agreement", "avg_gap", "RTE_seconds")
 KEPT_FRACTION = "kept_fraction"
+REFERENCE_METRICS = ("UA", "RA", "TA", "MIA_efficacy")
+# The same number under a second name only doubles the metric list: UA = 100 - accuracy.forget, RA = accuracy.retain,
+# TA = accuracy.test, MIA_efficacy = SVC_MIA.confidence.
+DUPLICATE_ACCURACIES = ("forget", "retain", "test")
+DUPLICATE_SVC_FEATURES = ("confidence",)
+EXPERIMENT_DESCRIPTION = (
+    "Machine unlearning of image classifiers, compared with Retrain (a model trained without the forget set). Each run "
+    "is one method on one forget set and seed: UA, RA, TA and MIA_efficacy per unlearning epoch, their Retrain values "
+    "as `retrain.*`, and `avg_gap` (mean absolute gap to Retrain; lower is closer). Benchmarks are parent runs holding "
+    "the results table and plots; expand one to see its cells.")
+# mlflow 3 opens an experiment on its GenAI overview unless the experiment says it is about training models.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 # mlflow's HTTP client retries with exponential back-off for minutes by default; a sweep should notice an outage
 # quickly and carry on with its local files instead. Explicit user settings win.
@@ -87,6 +102,24 @@ def open_tracker(experiment: str, uri: str | None = None) -> tuple["MlflowTracke
     return tracker, tracker.experiment_id(experiment)
 
 
+UI_ADDRESS = "http://127.0.0.1:5000"
+
+
+def runs_view_link(uri: str, experiment_id: str) -> str:
+    """The address that opens the experiment's runs table directly (not mlflow's overview page): on the tracking
+    server itself, or on `mlflow ui` started at its default address for a local SQLite database."""
+    base = uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else UI_ADDRESS
+    return f"{base}/#/experiments/{experiment_id}/runs?compareRunsMode=TABLE"
+
+
+def how_to_browse(uri: str, experiment_id: str) -> str:
+    """One line for the end of a run: the runs view, and the command that serves it for a local database."""
+    link = runs_view_link(uri, experiment_id)
+    if urlparse(uri).scheme in ("http", "https"):
+        return f"mlflow runs: {link}"
+    return f"mlflow runs: {link} (after `mlflow ui --backend-store-uri {uri}`)"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # What gets logged
 # ---------------------------------------------------------------------------------------------------------------------
@@ -108,10 +141,10 @@ def epoch_metrics(metrics: dict, stats: dict | None = None) -> dict[str, float]:
         if value is not None:
             flat[key] = value
     for part, value in (metrics.get("accuracy") or {}).items():
-        if _number(value) is not None:
+        if _number(value) is not None and part not in DUPLICATE_ACCURACIES:
             flat[f"accuracy.{part}"] = float(value)
     for feature, value in (metrics.get("SVC_MIA_forget_efficacy") or {}).items():
-        if _number(value) is not None:
+        if _number(value) is not None and feature not in DUPLICATE_SVC_FEATURES:
             flat[f"SVC_MIA.{feature}"] = float(value)
     epoch_stats = {k[len("stat_"):]: v for k, v in metrics.items() if k.startswith("stat_")}
     epoch_stats.update(stats or {})
@@ -121,12 +154,21 @@ def epoch_metrics(metrics: dict, stats: dict | None = None) -> dict[str, float]:
     return flat
 
 
+def reference_metrics(retrain: dict | None) -> dict[str, float]:
+    """Retrain's final UA, RA, TA, MIA_efficacy as `retrain.<name>` (logged at every epoch step: a flat line that the
+    method's curve can be read against)."""
+    return {f"retrain.{key}": float((retrain or {})[key]) for key in REFERENCE_METRICS
+            if _number((retrain or {}).get(key)) is not None}
+
+
 def flat_params(values: dict[str, Any]) -> dict[str, str]:
-    """Short string values (mlflow caps a value at 6000 characters)."""
+    """Short string values (mlflow caps a value at 6000 characters); a missing value (None) is not a parameter."""
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
     params = {}
     for key, value in values.items():
+        if value is None:
+            continue
         text = str(to_jsonable(value))
         params[str(key)] = text if len(text) <= MAX_PARAM_VAL_LENGTH else text[:MAX_PARAM_VAL_LENGTH - 3] + "..."
     return params
@@ -147,9 +189,10 @@ class NullRun:
     run_id = None
     record = None
 
-    def log_epoch(self, epoch: int, metrics: dict, stats: dict | None = None) -> None: ...
+    def log_epoch(self, epoch: int, metrics: dict, stats: dict | None = None, reference: dict | None = None,
+                  timestamp_ms: int | None = None) -> None: ...
 
-    def log_metrics(self, values: dict[str, float], step: int = 0) -> None: ...
+    def log_metrics(self, values: dict[str, float], step: int = 0, timestamp_ms: int | None = None) -> None: ...
 
     def log_params(self, params: dict) -> None: ...
 
@@ -160,14 +203,15 @@ class NullRun:
 
     def log_text(self, text: str, artifact_file: str) -> None: ...
 
-    def end(self, status: str = "FINISHED") -> None: ...
+    def end(self, status: str = "FINISHED", end_time_ms: int | None = None) -> None: ...
 
 
 class NullTracker:
     enabled = False
     uri = None
 
-    def start_run(self, experiment_id, run_name, params=None, tags=None, parent_run_id=None, description=None) -> NullRun:
+    def start_run(self, experiment_id, run_name, params=None, tags=None, parent_run_id=None, description=None,
+                  start_time_ms=None) -> NullRun:
         return NullRun()
 
 
@@ -193,17 +237,24 @@ class MlflowTracker:
                             f"or pass --no-track") from None
 
     def experiment_id(self, name: str) -> str:
+        """Get or create the experiment; a new one gets the description and the model-training view."""
         try:
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None:
                 try:
-                    return self.client.create_experiment(name)
+                    return self.client.create_experiment(name, tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION,
+                                                                     EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
                 except Exception:  # created by a parallel job in the meantime
                     experiment = self.client.get_experiment_by_name(name)
                     if experiment is None:
                         raise
             if experiment.lifecycle_stage == "deleted":
                 raise UserError(f"mlflow experiment '{name}' is deleted; restore it or pass --experiment")
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # created before these tags existed, or by another tool
+                self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                if "mlflow.note.content" not in experiment.tags:
+                    self.client.set_experiment_tag(experiment.experiment_id, "mlflow.note.content",
+                                                   EXPERIMENT_DESCRIPTION)
             return experiment.experiment_id
         except UserError:
             raise
@@ -248,14 +299,17 @@ class MlflowTracker:
             return None
 
     def start_run(self, experiment_id: str, run_name: str, params: dict | None = None, tags: dict | None = None,
-                  parent_run_id: str | None = None, description: str | None = None) -> "MlflowRun | NullRun":
+                  parent_run_id: str | None = None, description: str | None = None,
+                  start_time_ms: int | None = None) -> "MlflowRun | NullRun":
+        """`start_time_ms` (unix ms): when the work began, for runs logged after the fact (default: now)."""
         all_tags = {k: str(v) for k, v in (tags or {}).items()}
         all_tags.setdefault("mlflow.source.git.commit", all_tags.get("git_commit", ""))
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if description:
             all_tags["mlflow.note.content"] = description
-        created = self.guard("create run", self.client.create_run, experiment_id, tags=all_tags, run_name=run_name)
+        created = self.guard("create run", self.client.create_run, experiment_id, tags=all_tags, run_name=run_name,
+                             start_time=start_time_ms)
         if created is None:
             return NullRun()
         handle = MlflowRun(self, created.info.run_id, experiment_id)
@@ -291,8 +345,11 @@ class MlflowRun:
         for chunk in _chunks(items, 100):
             self.tracker.guard("set tags", self.client.log_batch, self.run_id, tags=chunk)
 
-    def log_epoch(self, epoch: int, metrics: dict, stats: dict | None = None) -> None:
-        self.log_metrics(epoch_metrics(metrics, stats), step=epoch)
+    def log_epoch(self, epoch: int, metrics: dict, stats: dict | None = None, reference: dict | None = None,
+                  timestamp_ms: int | None = None) -> None:
+        """One unlearning epoch (`step` = epoch), with Retrain's final values when `reference` holds them."""
+        self.log_metrics({**epoch_metrics(metrics, stats), **reference_metrics(reference)}, step=epoch,
+                         timestamp_ms=timestamp_ms)
 
     def log_metrics(self, values: dict[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -308,7 +365,9 @@ class MlflowRun:
         if result_file is not None and Path(result_file).is_file():
             self.tracker.guard("log artifact", self.client.log_artifact, self.run_id, str(result_file))
         if config is not None:
-            self.tracker.guard("log config", self.client.log_dict, self.run_id, to_jsonable(config), "config.yaml")
+            import yaml
+
+            self._log_written("config.yaml", yaml.safe_dump(to_jsonable(config), sort_keys=False))
         if split_file is not None and Path(split_file).is_file():
             self.tracker.guard("log split", self.client.log_artifact, self.run_id, str(split_file), "split")
         for plot in plots:
@@ -319,30 +378,49 @@ class MlflowRun:
                 self.tracker.guard("log artifact", self.client.log_artifact, self.run_id, str(other))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.tracker.guard("log text", self.client.log_text, self.run_id, text, artifact_file)
+        self._log_written(artifact_file, text)
 
-    def end(self, status: str = "FINISHED") -> None:
+    def _log_written(self, artifact_file: str, text: str) -> None:
+        """Log text as an artifact file with the mode any new file gets under the umask: mlflow's own `log_text` and
+        `log_dict` go through a private temporary file (0600), which a local artifact store then keeps."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / Path(artifact_file).name
+            atomic_write_text(local, text)
+            parent = str(Path(artifact_file).parent)
+            self.tracker.guard("log artifact", self.client.log_artifact, self.run_id, str(local),
+                               None if parent == "." else parent)
+
+    def end(self, status: str = "FINISHED", end_time_ms: int | None = None) -> None:
+        """`end_time_ms` (unix ms): when the work ended, for runs logged after the fact (default: now)."""
         if not self.ended:
-            self.tracker.guard("end run", self.client.set_terminated, self.run_id, status)
+            self.tracker.guard("end run", self.client.set_terminated, self.run_id, status, end_time=end_time_ms)
             self.ended = True
 
 
 def log_result_run(tracker: MlflowTracker, experiment_id: str, name: str, result: dict, result_file: Path,
-                   tags: dict, parent_run_id: str | None = None) -> "MlflowRun | NullRun":
+                   params: dict, tags: dict, parent_run_id: str | None = None, plots: Iterable[Path] = (),
+                   times_ms: tuple[int, int] | None = None) -> "MlflowRun | NullRun":
     """Log a finished result (a benchmark cell computed in a worker) as a run: the same params, per-epoch metrics
-    (from its "curves", else the final metrics at step = epochs run), tags and artifacts as a live mlflow_forget.py run."""
-    params = {**result.get("args", {}), **{f"hp.{k}": v for k, v in (result.get("hyperparameters") or {}).items()}}
-    handle = tracker.start_run(experiment_id, name, params=params, tags=tags, parent_run_id=parent_run_id)
+    (from its "curves", else the final metrics at step = epochs run), Retrain reference metrics, tags and artifacts as
+    a live mlflow_forget.py run. Start and end are the work's own (`times_ms`, else the result's `started_at` /
+    `finished_at`), so the run's duration is the time the cell took, not the time it took to log it."""
+    start_ms, end_ms = times_ms or (result.get("started_at"), result.get("finished_at"))
+    handle = tracker.start_run(experiment_id, name, params=params, tags=tags, parent_run_id=parent_run_id,
+                               start_time_ms=start_ms)
     curves = result.get("curves") or []
+    reference = result.get("retrain")
     if curves:
         for entry in curves:
-            handle.log_epoch(int(entry["epoch"]), entry)
+            handle.log_epoch(int(entry["epoch"]), entry, reference=reference, timestamp_ms=end_ms)
     else:
         stats = (result.get("epoch_stats") or [{}])[-1] if result.get("epoch_stats") else {}
-        handle.log_epoch(int(result.get("epochs_run") or 1), result, stats)
+        handle.log_epoch(int(result.get("epochs_run") or 1), result, stats, reference=reference, timestamp_ms=end_ms)
     split_file = result.get("split_file")
-    handle.log_files(result_file, config=result.get("args"), split_file=Path(split_file) if split_file else None)
-    handle.end("FINISHED")
+    handle.log_files(result_file, config=result.get("args"), split_file=Path(split_file) if split_file else None,
+                     plots=plots)
+    handle.end("FINISHED", end_time_ms=end_ms)
     return handle
 
 

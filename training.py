@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dataset import SplitData, TensorLoader
-from utils import (DivergenceError, Stopwatch, UserError, atomic_torch_save, load_checkpoint, make_generator,
-                   pyplot, save_figure, sha256_of_array, temporarily_eval, to_jsonable)
+from utils import (DivergenceError, Stopwatch, UserError, atomic_torch_save, batch_channels_last, check_amp,
+                   forward_precision, load_checkpoint, make_generator, pyplot, save_figure, sha256_of_array,
+                   temporarily_eval, to_channels_last, to_jsonable)
 
 
 @dataclass
@@ -112,24 +113,31 @@ def make_optimizer(model: torch.nn.Module, recipe: TrainRecipe) -> torch.optim.S
 
 
 @torch.no_grad()
-def accuracy_of(model: torch.nn.Module, loader: TensorLoader) -> float:
-    """Top-1 accuracy in % (eval mode, mode restored)."""
-    correct = total = 0
+def accuracy_of(model: torch.nn.Module, loader: TensorLoader, amp: str = "off") -> float:
+    """Top-1 accuracy in % (eval mode, mode restored). The count stays on the device until the end of the pass."""
+    correct = torch.zeros((), device=loader.labels.device, dtype=torch.long)
+    total = 0
     with temporarily_eval(model):
         for x, y in loader:
-            correct += (model(x).argmax(1) == y).sum().item()
+            with forward_precision(amp, x.device):
+                logits = model(batch_channels_last(x, amp))
+            correct += (logits.argmax(1) == y).sum()
             total += len(y)
-    return 100.0 * correct / max(total, 1)
+    return 100.0 * correct.item() / max(total, 1)
 
 
-def train_one_epoch(model: torch.nn.Module, loader: TensorLoader, optimizer: torch.optim.Optimizer) -> tuple[float, float]:
-    """One pass of cross-entropy SGD; returns (mean loss, accuracy %)."""
+def train_one_epoch(model: torch.nn.Module, loader: TensorLoader, optimizer: torch.optim.Optimizer,
+                    amp: str = "off") -> tuple[float, float]:
+    """One pass of cross-entropy SGD; returns (mean loss, accuracy %). The sums stay on the device and are read once,
+    at the end of the epoch: a read per step would make the host wait for the GPU at every step. `amp` (`--amp`):
+    forward pass and loss under `utils.forward_precision`."""
     model.train()
     loss_sum = torch.zeros((), device=loader.labels.device)
     correct = torch.zeros((), device=loader.labels.device, dtype=torch.long)
     for x, y in loader:
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        with forward_precision(amp, x.device):
+            logits = model(batch_channels_last(x, amp))
+            loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -142,14 +150,17 @@ def train_one_epoch(model: torch.nn.Module, loader: TensorLoader, optimizer: tor
 def train_model(model: torch.nn.Module, data: SplitData, recipe: TrainRecipe, seed: int, part: str = "train",
                 last_checkpoint: str | Path | None = None, resume: bool = False, metadata: dict | None = None,
                 on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True,
-                desc: str = "train") -> TrainResult:
+                desc: str = "train", amp: str = "off") -> TrainResult:
     """Train `model` on `data.<part>` with `recipe`; shuffles and augmentation draw from a generator seeded by `seed`.
 
     When `last_checkpoint` is given it is rewritten (atomically) after every epoch together with `metadata` and the
     settings of `resume_settings`; `resume=True` continues from it when those settings equal this call's (otherwise a
     UserError, raised before anything is trained or written). `on_epoch(epoch, stats)` receives 1-based epochs and the
-    stats of that epoch. `TrainResult.seconds` counts the epochs before an interruption too.
+    stats of that epoch. `TrainResult.seconds` counts the epochs before an interruption too. `amp` (`--amp`): forward
+    passes under `utils.forward_precision`, and on CUDA with bf16 the channels_last layout (`utils.uses_channels_last`);
+    it is not part of the resume settings here, callers record it in `metadata`.
     """
+    to_channels_last(model, check_amp(amp))  # before the optimiser and the first state copy
     settings = resume_settings(metadata, recipe, seed, part, data)
     generator = make_generator(seed)
     optimizer = make_optimizer(model, recipe)
@@ -181,10 +192,10 @@ def train_model(model: torch.nn.Module, data: SplitData, recipe: TrainRecipe, se
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr_at(epoch)
         with watch:
-            loss, acc = train_one_epoch(model, train_loader, optimizer)
+            loss, acc = train_one_epoch(model, train_loader, optimizer, amp)
         if not math.isfinite(loss):
             raise DivergenceError(f"training diverged at epoch {epoch + 1} (loss {loss})", epoch + 1)
-        val_acc = accuracy_of(model, val_loader) if val_loader is not None else acc
+        val_acc = accuracy_of(model, val_loader, amp) if val_loader is not None else acc
         for key, value in zip(history, (loss, acc, val_acc, recipe.lr_at(epoch))):
             history[key].append(value)
         if val_acc >= best_val:  # ties: the later epoch, after more LR decay
@@ -203,14 +214,23 @@ def train_model(model: torch.nn.Module, data: SplitData, recipe: TrainRecipe, se
                        seconds=seconds_before + watch.seconds)
 
 
-def plot_history(history: dict, path: str | Path, title: str = "") -> Path:
-    """Training curve (loss and accuracies per epoch), written atomically as PNG."""
+def plot_history(history: dict, path: str | Path, title: str = "", selected_epoch: int | None = None,
+                 selected_why: str = "kept", val_label: str = "val acc") -> Path:
+    """Training curve (loss and accuracies per epoch), written atomically as PNG. `selected_epoch` (1-based) is marked
+    on both panels as the epoch whose weights were kept (`selected_why` says by which rule); `val_label` names what the
+    validation accuracy covers (e.g. that it includes a class the model was trained without)."""
     epochs = range(1, len(history["train_loss"]) + 1)
-    fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(9, 3.5))
+    fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 3.6))
     ax_loss.plot(epochs, history["train_loss"], label="train loss")
-    ax_loss.set_xlabel("epoch"), ax_loss.set_ylabel("cross-entropy"), ax_loss.legend()
+    ax_loss.set_xlabel("epoch"), ax_loss.set_ylabel("cross-entropy")
     ax_acc.plot(epochs, history["train_acc"], label="train acc")
-    ax_acc.plot(epochs, history["val_acc"], label="val acc")
-    ax_acc.set_xlabel("epoch"), ax_acc.set_ylabel("accuracy (%)"), ax_acc.legend()
+    ax_acc.plot(epochs, history["val_acc"], label=val_label)
+    if selected_epoch is not None and 1 <= selected_epoch <= len(history["val_acc"]):
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(selected_epoch, color="k", linestyle=":", linewidth=1,
+                       label=f"epoch {selected_epoch} ({selected_why})")
+        ax_acc.plot([selected_epoch], [history["val_acc"][selected_epoch - 1]], marker="*", markersize=12, color="k")
+    ax_loss.legend(fontsize=8)
+    ax_acc.set_xlabel("epoch"), ax_acc.set_ylabel("accuracy (%)"), ax_acc.legend(fontsize=8)
     fig.suptitle(title)
     return save_figure(fig, path)

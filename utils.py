@@ -94,6 +94,54 @@ class Stopwatch:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Mixed precision (--amp) and memory format
+# ---------------------------------------------------------------------------------------------------------------------
+
+AMP_MODES = ("off", "bf16")
+
+
+def check_amp(amp: str) -> str:
+    if amp not in AMP_MODES:
+        raise UserError(f"--amp '{amp}' is not a precision; allowed: {', '.join(AMP_MODES)}")
+    return amp
+
+
+def forward_precision(amp: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The context around forward passes and their losses under `--amp`.
+
+    "off": a null context, no autocast at all, so a run computes exactly what it computed before the flag existed.
+    "bf16": torch.autocast to bfloat16 on the device's type. Parameters, gradients and optimiser state stay float32;
+    autocast runs losses and softmaxes in float32. bfloat16 has float32's exponent range, so small gradients do not
+    underflow and no loss scaling (GradScaler) is needed.
+    """
+    if check_amp(amp) == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def uses_channels_last(amp: str, device: torch.device | str) -> bool:
+    """Whether models and image batches use the channels_last (NHWC) memory format: on CUDA with `--amp bf16` only,
+    where cuDNN's tensor-core convolutions work in NHWC and the default layout would cost a transposition per
+    convolution. With `--amp off`, or on any other device, layouts (and so results) stay as they are."""
+    return check_amp(amp) != "off" and torch.device(device).type == "cuda"
+
+
+def to_channels_last(model: torch.nn.Module, amp: str) -> torch.nn.Module:
+    """`model` with its 4-d weights in channels_last when `uses_channels_last` (in place; values unchanged)."""
+    params = list(model.parameters())
+    if params and uses_channels_last(amp, params[0].device):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def batch_channels_last(images: torch.Tensor, amp: str) -> torch.Tensor:
+    """A batch of images in channels_last when `uses_channels_last` (a copy only when it is not already)."""
+    if images.dim() == 4 and uses_channels_last(amp, images.device):
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Atomic writes: a crash or a full disk never leaves a half-written result
 # ---------------------------------------------------------------------------------------------------------------------
 

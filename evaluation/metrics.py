@@ -11,19 +11,22 @@ import numpy as np
 import torch
 
 from evaluation.svc_mia import svc_mia
-from utils import temporarily_eval
+from utils import batch_channels_last, forward_precision, temporarily_eval
 
 PARTS = ("retain", "forget", "val", "test")
 GAP_METRICS = ("UA", "RA", "TA", "MIA_efficacy")
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels over an ordered loader, in eval mode (the model's mode is restored)."""
+def predict(model: torch.nn.Module, loader, amp: str = "off") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32) and labels over an ordered loader, in eval mode (the model's mode is restored); the forward
+    passes under `--amp` (`utils.forward_precision`). Everything stays on the device until one copy at the end."""
     logits, labels = [], []
     with temporarily_eval(model):
         for x, y in loader:
-            logits.append(model(x).float())
+            with forward_precision(amp, x.device):
+                out = model(batch_channels_last(x, amp))
+            logits.append(out.float())
             labels.append(y)
     if not logits:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
@@ -46,10 +49,11 @@ class Evaluation:
         }
 
 
-def evaluate_model(model: torch.nn.Module, data, with_mia: bool = True) -> Evaluation:
+def evaluate_model(model: torch.nn.Module, data, with_mia: bool = True, amp: str = "off") -> Evaluation:
     """Evaluate on every part of a `SplitData`. MIA-Efficacy follows upstream exactly: shadow members = the first |test|
-    retain samples in stored order, shadow non-members = the test set, targets = the forget set (all unaugmented)."""
-    outputs = {part: predict(model, data.eval_loader(part)) for part in PARTS}
+    retain samples in stored order, shadow non-members = the test set, targets = the forget set (all unaugmented).
+    `amp`: precision of the forward passes (`--amp`); the metrics themselves are computed in float64 on the CPU."""
+    outputs = {part: predict(model, data.eval_loader(part), amp) for part in PARTS}
     accuracy = {}
     for part, (logits, labels) in outputs.items():
         accuracy[part] = 100.0 * float((logits.argmax(1) == labels).double().mean()) if len(labels) else float("nan")

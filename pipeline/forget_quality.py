@@ -1,10 +1,12 @@
 """The forgetting-quality stage (`--forget_quality N`): the NeurIPS 2023 unlearning competition's score of the method
-under test, computed by `evaluation.forget_quality` from 2N models (see docs/evaluation.md).
+under test, computed by `evaluation.forget_quality` from 2N models.
 
 * **Unlearned side.** The method runs N more times on the same original model (the model the main run unlearned), run
   i with the seeds `unlearning_seeds(--unlearn_seed, i)`: one for the run's generator and the global RNG (data order,
   random labels, masks, any sampling) and, for methods that train from scratch (`retrain`), one for the
   initialisation and one for the shuffles. The main run's own model is not one of the N (its seed is not derived).
+  Runs train with one intra-op thread on CPU (tiny models run several times faster so, and a worker's numbers equal
+  the main process's), in `--jobs` worker processes when asked.
 * **Retrained side.** N models trained on the retain set with the original recipe (architecture, width, epochs,
   augmentation; final weights, as Retrain), model k from the fixed seeds `retrained_seeds(k)`, so every run, method
   and sweep on the same retain set and recipe shares them. They live in the per-example attacks' cache root
@@ -29,10 +31,10 @@ both sides, the per-model accuracies and seeds) and `{save_dir}/{unlearn}forget_
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import tempfile
 import time
 import warnings
@@ -47,12 +49,12 @@ from dataset import ImageData, Split, SplitData, TensorLoader
 from evaluation.forget_quality import (BUCKET_WIDTH, EPSILON_CAP, bucket_scores, example_epsilons, final_score,
                                        forget_score_from_epsilons, logit_scaled_confidence, num_buckets)
 from evaluation.metrics import predict
-from evaluation.reference_models import (DEFAULT_DESIGN_SEED, ReferenceConfig, TrainTask, derived_seed, npz_bytes,
-                                         train_models)
+from evaluation.reference_models import (DEFAULT_DESIGN_SEED, ModelSpec, ReferenceConfig, TrainTask, derived_seed,
+                                         npz_bytes, single_thread, train_models)
 from pipeline import paths
 from pipeline.config import RunConfig
 from pipeline.mia import reference_config
-from pipeline.stages import Prepared, Unlearned, build_model, load_model
+from pipeline.stages import Prepared, Unlearned, load_model
 from unlearn import UnlearnContext, resolve_method, run_unlearning
 from utils import (DivergenceError, UserError, atomic_write_bytes, atomic_write_json, file_lock, load_checkpoint,
                    make_generator, pyplot, save_figure, set_seed, sha256_of_array)
@@ -248,40 +250,97 @@ class UnlearningRuns:
     seconds: float
 
 
-def unlearn_repeatedly(p: Prepared, unl: Unlearned, num_runs: int,
+@dataclass(frozen=True)
+class RunSetting:
+    """What one unlearning run needs besides the data, as plain values (sent to worker processes)."""
+
+    method_name: str
+    grad_mask: str | None
+    hp: dict
+    spec: ModelSpec          # builds the architecture; a seeded build equals `stages.build_model`'s
+    recipe: Any              # training.TrainRecipe (Retrain's recipe)
+    paper_era: bool
+    state: dict              # the original model's weights, on CPU
+
+
+def unlearn_once(setting: RunSetting, splits: SplitData, seeds: tuple[int, int, int]
+                 ) -> tuple[np.ndarray, float, float, bool]:
+    """One run of the method on a copy of the original model: (forget confidences, retain acc, test acc, diverged).
+    One intra-op thread on CPU, as the retrained models: the same numbers in the main process and in a worker."""
+    run_seed, init_seed, shuffle_seed = seeds
+    method = resolve_method(setting.method_name, setting.grad_mask)
+    device = splits.device
+    model = setting.spec.build(0).to(device)
+    model.load_state_dict(setting.state)
+    diverged = False
+    # A scratch folder per run: a method's artefacts (SalUn's mask) must not replace the main run's files.
+    with tempfile.TemporaryDirectory(prefix="forget-quality-") as scratch, warnings.catch_warnings(), \
+            single_thread(device):
+        warnings.simplefilter("ignore")  # the main run has shown the method's warnings already
+        set_seed(run_seed)
+        ctx = UnlearnContext(
+            model=model, data=splits, generator=make_generator(run_seed), hp=dict(setting.hp),
+            model_factory=lambda: setting.spec.build(init_seed), train_recipe=setting.recipe,
+            retrain_seed=shuffle_seed, artifacts_dir=Path(scratch), progress=False, log=lambda message: None,
+            paper_era=setting.paper_era)
+        instance = method.cls(ctx)
+        instance.name = method.name
+        try:
+            run_unlearning(instance, setting.hp.get("epochs", 1), progress=False)
+        except DivergenceError:
+            diverged = True  # the driver restored the last finite weights; those are scored
+        phi, retain_acc, test_acc = model_outcome(instance.evaluation_model(), splits)
+    return phi, retain_acc, test_acc, diverged
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(data_cpu: ImageData, split: Split, batch_size: int, augment: bool, device: str,
+                 setting: RunSetting) -> None:
+    torch.set_num_threads(1)
+    data = data_cpu.to(torch.device(device))
+    _WORKER.update(splits=SplitData(data, split, batch_size=batch_size, augment=augment), setting=setting)
+
+
+def _worker_run(job: tuple[int, tuple[int, int, int]]) -> tuple[int, tuple[np.ndarray, float, float, bool]]:
+    index, seeds = job
+    return index, unlearn_once(_WORKER["setting"], _WORKER["splits"], seeds)
+
+
+def unlearn_repeatedly(p: Prepared, unl: Unlearned, num_runs: int, jobs: int = 1,
                        log: Callable[[str], None] = print) -> UnlearningRuns:
-    """The method of the main run, `num_runs` times on the original model, each with its own derived seeds."""
+    """The method of the main run, `num_runs` times on the original model, each with its own derived seeds, in
+    `jobs` worker processes (spawn) when jobs > 1."""
     c = p.config
     start = time.perf_counter()
     original, _ = load_model(unl.model_path, p)
-    outcomes = Outcomes(np.zeros((num_runs, len(p.split.forget))), np.zeros(num_runs), np.zeros(num_runs))
-    seeds = np.zeros((num_runs, 3), dtype=np.int64)
-    diverged = 0
-    for i in range(num_runs):
-        run_seed, init_seed, shuffle_seed = unlearning_seeds(c.method.unlearn_seed, i)
-        seeds[i] = (run_seed, init_seed, shuffle_seed)
-        set_seed(run_seed)
-        # A fresh scratch folder per run: a method's artefacts (SalUn's mask) must not replace the main run's files.
-        with tempfile.TemporaryDirectory(prefix="forget-quality-") as scratch, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the main run has shown the method's warnings once already
-            ctx = UnlearnContext(
-                model=copy.deepcopy(original), data=p.splits, generator=make_generator(run_seed), hp=dict(unl.hp),
-                model_factory=lambda seed=init_seed: build_model(p, unl.width, init_seed=seed),
-                train_recipe=c.model.recipe, retrain_seed=shuffle_seed, artifacts_dir=Path(scratch), progress=False,
-                log=lambda message: None, paper_era=c.method.paper_era)
-            instance = unl.method.cls(ctx)
-            instance.name = unl.method.name
-            try:
-                run_unlearning(instance, unl.hp.get("epochs", 1), progress=False)
-            except DivergenceError:
-                diverged += 1  # the driver restored the last finite weights; those are scored
-            model = instance.evaluation_model()
-        outcomes.phi[i], outcomes.retain_acc[i], outcomes.test_acc[i] = model_outcome(model, p.splits)
-        if num_runs >= 8 and (i + 1) % max(1, num_runs // 4) == 0:
-            log(f"  forget quality: {i + 1}/{num_runs} unlearning runs done")
+    spec = reference_config(p, unl.width).model
+    setting = RunSetting(method_name=c.method.name, grad_mask=c.method.grad_mask, hp=dict(unl.hp), spec=spec,
+                         recipe=c.model.recipe, paper_era=c.method.paper_era,
+                         state={k: v.detach().cpu() for k, v in original.state_dict().items()})
+    seeds = np.array([unlearning_seeds(c.method.unlearn_seed, i) for i in range(num_runs)], dtype=np.int64)
+    jobs_list = [(i, tuple(int(v) for v in seeds[i])) for i in range(num_runs)]
+    done: dict[int, tuple[np.ndarray, float, float, bool]] = {}
+    jobs = max(1, min(int(jobs), num_runs))
+    if jobs == 1:
+        for index, run_seeds in jobs_list:
+            done[index] = unlearn_once(setting, p.splits, run_seeds)
+    else:
+        context = multiprocessing.get_context("spawn")
+        data_cpu = p.data.to(torch.device("cpu"))
+        with context.Pool(jobs, initializer=_init_worker,
+                          initargs=(data_cpu, p.split, p.splits.batch_size, p.splits.augment, str(p.device),
+                                    setting)) as workers:
+            for index, outcome in workers.imap_unordered(_worker_run, jobs_list):
+                done[index] = outcome
+            workers.close()  # a clean shutdown (the context manager alone terminates the workers)
+            workers.join()
+    outcomes = Outcomes(np.stack([done[i][0] for i in range(num_runs)]),
+                        np.array([done[i][1] for i in range(num_runs)]), np.array([done[i][2] for i in range(num_runs)]))
     identical = bool((outcomes.phi == outcomes.phi[0]).all())
-    return UnlearningRuns(outcomes=outcomes, seeds=seeds, diverged=diverged, identical=identical,
-                          seconds=time.perf_counter() - start)
+    return UnlearningRuns(outcomes=outcomes, seeds=seeds, diverged=sum(done[i][3] for i in range(num_runs)),
+                          identical=identical, seconds=time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -339,7 +398,7 @@ def forget_quality(p: Prepared, unl: Unlearned, write_files: bool = True,
     ref_config = dataclasses.replace(reference_config(p, unl.width), num_models=num_models)
     retrained = ensure_retrained(ref_config, p.data, p.splits, p.save_dir / paths.REFERENCE_CACHE, num_models,
                                  jobs=c.eval.jobs, log=log)
-    runs = unlearn_repeatedly(p, unl, num_models, log=log)
+    runs = unlearn_repeatedly(p, unl, num_models, jobs=c.eval.jobs, log=log)
     start = time.perf_counter()
     result = score(runs.outcomes, retrained.outcomes, device=p.device)
     arrays = result.pop("arrays")

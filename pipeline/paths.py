@@ -71,6 +71,15 @@ def mia_roc(config: RunConfig) -> Path:
     return config.output.save_dir / f"{config.method.name}mia_roc.png"
 
 
+def forget_quality_scores(config: RunConfig) -> Path:
+    """--forget_quality: per-example ε, points and the confidences of the N unlearned and N retrained models."""
+    return config.output.save_dir / f"{config.method.name}forget_quality.npz"
+
+
+def forget_quality_plot(config: RunConfig) -> Path:
+    return config.output.save_dir / f"{config.method.name}forget_quality.png"
+
+
 def model_to_unlearn(config: RunConfig) -> Path:
     """--mask, else the original model's default name in --save_dir."""
     if config.method.model_path:

@@ -117,7 +117,9 @@ def model_metadata(p: Prepared, kind: str, **extra: Any) -> dict:
             "train_seed": c.model.train_seed, "epochs": c.model.epochs, "lr": recipe.lr, "momentum": recipe.momentum,
             "weight_decay": recipe.weight_decay, "batch_size": recipe.batch_size,
             "milestones": list(recipe.milestones), "warmup": recipe.warmup, "augment": c.data.augment,
-            "torch_version": str(torch.__version__), **extra}
+            "torch_version": str(torch.__version__),
+            # recorded only when on, so checkpoints written before --amp existed still resume with it off
+            **({"amp": c.model.amp} if c.model.amp != "off" else {}), **extra}
 
 
 def check_metadata(payload: dict, path: Path, p: Prepared) -> None:
@@ -170,21 +172,35 @@ def train_reference(p: Prepared, retrain: bool, resume: bool = False, checkpoint
     meta = model_metadata(p, kind, split_hash=split_hash, split_tag=split_tag)
     ensure_writable_dir(best_path.parent)
     result = train_model(model, p.splits, c.model.recipe, seed=c.data.seed, part=part, last_checkpoint=last_path,
-                         resume=resume, metadata=meta, progress=p.progress, desc=kind)
+                         resume=resume, metadata=meta, progress=p.progress, desc=kind, amp=c.model.amp)
     state = result.model.state_dict() if retrain else result.best_state
     model.load_state_dict(state)
-    evaluation = evaluate_model(model, p.splits, with_mia=retrain)
+    evaluation = evaluate_model(model, p.splits, with_mia=retrain, amp=c.model.amp)
     accuracy = {"train": result.history["train_acc"][-1],
                 "val": result.history["val_acc"][-1] if retrain else result.best_val,
                 "test": evaluation.accuracy["test"]}
     atomic_torch_save(best_path, {**meta, "state_dict": state, "epoch": c.model.epochs if retrain else result.best_epoch,
                                   "accuracy": accuracy, "history": result.history, "train_seconds": result.seconds})
-    plot_history(result.history, paths.companion(best_path, ".png"), title=f"{kind} {c.model.arch} {c.data.dataset}")
+    plot_history(result.history, paths.companion(best_path, ".png"), **history_plot_labels(p, retrain, result.best_epoch))
     summary = {"checkpoint": str(best_path), "kind": kind, "accuracy": accuracy, "best_epoch": result.best_epoch,
                "train_seconds": result.seconds, "device": device_name(p.device), "split_hash": p.split.hash,
                "evaluation": evaluation.accuracy, "args": c.args_record()}
     atomic_write_json(paths.companion(best_path, ".json"), summary)
     return summary
+
+
+def history_plot_labels(p: Prepared, retrain: bool, best_epoch: int) -> dict[str, Any]:
+    """Title, kept epoch and validation label of a reference model's training-curve plot."""
+    c = p.config
+    if not retrain:
+        return {"title": f"original model: {c.model.arch}, {c.data.dataset}, seed {c.data.seed}",
+                "selected_epoch": best_epoch, "selected_why": "best validation accuracy, kept"}
+    labels = {"title": f"Retrain: {c.model.arch}, {c.data.dataset}, {c.data.scenario} forgetting "
+                       f"({c.data.forget_setting}), seed {c.data.seed}",
+              "selected_epoch": c.model.epochs, "selected_why": "last epoch, kept"}
+    if c.data.scenario != "random":  # the validation split keeps every class, the forgotten one too
+        labels["val_label"] = f"val acc (all classes, incl. forgotten class {c.data.class_to_replace})"
+    return labels
 
 
 def find_retrain_checkpoint(p: Prepared) -> Path | None:
@@ -244,7 +260,7 @@ def retrain_evaluation(p: Prepared) -> tuple[Evaluation | None, Path | None]:
         if payload.get("split_hash") not in (None, p.split.hash):
             raise UserError(f"Retrain checkpoint '{path}' was trained for split {payload['split_hash']}, not "
                             f"{p.split.hash}")
-        p.retrain_cache[key] = evaluate_model(model, p.splits)
+        p.retrain_cache[key] = evaluate_model(model, p.splits, amp=p.config.model.amp)
     return p.retrain_cache[key], path
 
 
@@ -254,7 +270,7 @@ def retrain_reference_result(p: Prepared) -> dict:
     if path is None:
         raise UserError(f"no Retrain reference for split {p.split.tag} in {p.save_dir}")
     model, payload = load_model(path, p)
-    evaluation = evaluate_model(model, p.splits)
+    evaluation = evaluate_model(model, p.splits, amp=p.config.model.amp)
     extra = {"method": "Retrain", "reference": True, "scenario": p.split.scenario, "device": device_name(p.device),
              "retrain_model": str(path), "epochs_run": payload.get("epochs"), "hyperparameters": {}}
     return build_result(evaluation, p.config.args_record(), p.split.hash,
@@ -315,7 +331,7 @@ def unlearn(p: Prepared, model_path: str | Path | None = None, epoch_eval: bool 
         model=model, data=p.splits, generator=make_generator(c.method.unlearn_seed), hp=hp,
         model_factory=lambda: build_model(p, width, init_seed=c.model.train_seed),
         train_recipe=c.model.recipe, retrain_seed=c.data.seed, artifacts_dir=p.save_dir, progress=p.progress,
-        paper_era=c.method.paper_era,
+        paper_era=c.method.paper_era, amp=c.model.amp,
     )
     instance = method.cls(ctx)
     instance.name = method.name
@@ -343,7 +359,7 @@ def unlearn(p: Prepared, model_path: str | Path | None = None, epoch_eval: bool 
 
 def epoch_metrics(p: Prepared, model: torch.nn.Module, rte: float, retrain_eval: Evaluation | None,
                   scenario_metrics: ScenarioMetrics | None = None) -> dict:
-    evaluation = evaluate_model(model, p.splits)
+    evaluation = evaluate_model(model, p.splits, amp=p.config.model.amp)
     metrics = build_result(evaluation, {}, p.split.hash, rte, retrain_eval)
     metrics.pop("args"), metrics.pop("split_hash")
     if scenario_metrics:
@@ -358,7 +374,7 @@ def epoch_metrics(p: Prepared, model: torch.nn.Module, rte: float, retrain_eval:
 def evaluate(p: Prepared, unl: Unlearned, scenario_metrics: ScenarioMetrics | None = None,
              extra: dict | None = None) -> dict:
     """The result dict of an unlearned model: population metrics, the Retrain comparison, the run's record."""
-    evaluation = evaluate_model(unl.model, p.splits)
+    evaluation = evaluate_model(unl.model, p.splits, amp=p.config.model.amp)
     record = {
         "method": unl.method.label, "hyperparameters": unl.hp, "device": device_name(p.device),
         "epochs_run": unl.outcome.epochs_run, "epoch_stats": unl.outcome.epoch_stats, "scenario": p.split.scenario,

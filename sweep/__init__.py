@@ -15,7 +15,8 @@ from pathlib import Path
 
 from sweep.settings import Settings, check_output_path, default_config_path, load_settings_file, method_combos
 from sweep.grid import Cell, build_cells, cell_key, compute_split_tags, is_done, read_result, to_argv, train_size
-from sweep.execute import command_line, execute, run_pool, run_tags, task_of
+from sweep.execute import command_line, execute, run_tags
+from sweep.executors import run_cells
 from sweep.report import aggregate, csv_table, markdown_table, write_plots
 from utils import atomic_write_json, atomic_write_text, git_commit, to_jsonable
 
@@ -57,6 +58,9 @@ class Sweep:
         self.progress = progress
         self.cells, self.notes = build_cells(settings)
         self.parent = None
+
+    #: Append the "## Paired comparisons" section (sweep.stats) to results.md; tuning trials switch it off.
+    paired_comparisons: bool = True
 
     # -- emit ----------------------------------------------------------------------------------------------------------
     def emit_commands(self, path: Path, tracking: dict | None) -> int:
@@ -119,15 +123,7 @@ class Sweep:
         # References first: they unlock everything else.
         pending = sorted(todo, key=lambda c: c.kind not in ("original", "retrain"))
         try:
-            if self.settings.jobs <= 1:
-                for cell in pending:
-                    if any(d in dead for d in cell.deps):
-                        dead.add(cell.key)
-                        skip(cell)
-                        continue
-                    handle(cell, execute(task_of(cell, self.out)))
-            else:
-                run_pool(pending, self.out, self.settings.jobs, finished, dead, handle, skip)
+            run_cells(pending, self.settings, finished, dead, handle, skip)  # the executor the settings name
         except KeyboardInterrupt:
             self._end_parent("KILLED")
             raise
@@ -138,6 +134,10 @@ class Sweep:
         if failed or errors:
             notes.append(f"{len(failed) + len(errors)} cell(s) failed in this invocation; see {self.out / 'logs'}.")
         table = markdown_table(rows, notes, self.settings.seeds)
+        if self.paired_comparisons:
+            from sweep.stats import paired_section
+
+            table += paired_section(self.cells, self.out)
         files = [atomic_write_text(self.out / "results.md", table), atomic_write_text(self.out / "results.csv",
                                                                                        csv_table(rows))]
         files += write_plots(rows, self.out)
@@ -159,10 +159,17 @@ class Sweep:
         # ever. Any parent run of this out dir still RUNNING now is such a leftover. (Should two invocations share an
         # out dir at the same time, the live one sets its own status again when it ends.)
         self.tracker.end_stale_runs(self.experiment_id, OUT_TAG, out, "KILLED")
-        params = {"datasets": s.datasets, "archs": s.archs, "scenarios": s.scenarios, "methods": s.methods,
-                  "seeds": s.seeds, "epochs": s.epochs, "unlearn_epochs": s.unlearn_epochs, "width": s.width,
-                  "forget_fraction": s.forget_fraction, "forget_class": s.forget_class, "epoch_eval": s.epoch_eval,
-                  "grid": s.grid, "config": s.config, "jobs": s.jobs, "out": s.out, "cells": len(self.cells)}
+        from dataset import recipe_defaults
+
+        # What ran, resolved: the method names behind the patterns, each dataset's width and epochs.
+        methods = sorted({name for cell in self.cells if cell.kind == "method" for name in cell.names}, key=str.lower)
+        widths = {d: s.width if s.width is not None else recipe_defaults(d).get("width") for d in s.datasets}
+        epochs = {d: s.epochs if s.epochs is not None else recipe_defaults(d).get("epochs") for d in s.datasets}
+        params = {"datasets": s.datasets, "archs": s.archs, "scenarios": s.scenarios, "methods": " ".join(methods),
+                  "method_patterns": s.methods, "seeds": s.seeds, "epochs": epochs, "unlearn_epochs": s.unlearn_epochs,
+                  "width": widths, "forget_fraction": s.forget_fraction, "forget_class": s.forget_class,
+                  "epoch_eval": s.epoch_eval, "grid": s.grid or None, "config": s.config, "jobs": s.jobs, "out": s.out,
+                  "cells": len(self.cells)}
         import torch
 
         from utils import device_name, resolve_device
@@ -178,6 +185,9 @@ class Sweep:
             return
         if cell.kind not in ("method", "reference") or getattr(self.tracker, "broken", None):
             return
+        from pipeline import paths
+        from pipeline.runs import run_name, run_params
+        from sweep.grid import parse_cell
         from tracking import log_result_run
 
         result = read_result(cell, self.out)
@@ -186,11 +196,25 @@ class Sweep:
         if (result.get("tracking") or {}).get("tracking_uri") == self.tracker.uri:
             return
         path = cell.result_path(self.out)
-        args = {**result["args"], "unlearn": cell.names[0]}
-        tags = {**run_tags(args, split_hash=result.get("split_hash", ""), device=result.get("device", "unknown")),
-                "cell_key": cell.key, "methods": " ".join(cell.names), "row": cell.label}
-        name = f"{cell.names[0]}-{cell.setting}-seed{cell.seed}"  # as mlflow_forget.py names its runs
-        handle = log_result_run(self.tracker, self.experiment_id, name, result, path, tags, self.parent.run_id)
+        config = parse_cell(cell.argv)
+        params = run_params(config)
+        if cell.kind == "reference":
+            params["method"] = "Retrain"
+        tags = {**run_tags(result["args"], split_hash=result.get("split_hash", ""), device=result.get("device", "unknown"),
+                           names=cell.names),
+                "cell_key": cell.key, "row": cell.label, "method.config": cell.config}
+        name = run_name(config, cell.names)  # every alias of the row: NGradMask=VarGrad-random130-seed1
+        plots, times = [], None
+        if cell.kind == "reference" and result.get("retrain_model"):
+            # The Retrain row is the Retrain model: its run holds the training curves, and lasts as long as the
+            # training did (ending when the checkpoint was written).
+            model = Path(result["retrain_model"])
+            plots.append(paths.companion(model, ".png"))
+            if model.is_file() and math.isfinite(result.get("RTE_seconds", math.nan)):
+                end = int(model.stat().st_mtime * 1000)
+                times = (end - int(result["RTE_seconds"] * 1000), end)
+        handle = log_result_run(self.tracker, self.experiment_id, name, result, path, params, tags,
+                                self.parent.run_id, plots=plots, times_ms=times)
         if handle.record:
             result["tracking"] = handle.record
             atomic_write_json(path, result)
@@ -198,7 +222,13 @@ class Sweep:
     def _finish_parent(self, rows: list[dict], files: list[Path], had_failures: bool) -> None:
         if self.parent is None:
             return
-        self.parent.log_files(others=files)
+        from pipeline import paths
+
+        # The original models were trained by this sweep's cells, which have no run of their own: their training
+        # curves belong to the sweep's run, beside the tables and the benchmark plots.
+        model_plots = [paths.companion(Path(c.target), ".png") for c in self.cells if c.kind == "original"]
+        self.parent.log_files(plots=[f for f in files if f.suffix == ".png"] + model_plots,
+                              others=[f for f in files if f.suffix != ".png"])
         best = {}
         for row in rows:
             if not row["reference"] and row["seeds"] and not math.isnan(row["avg_gap_mean"]):

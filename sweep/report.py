@@ -108,24 +108,41 @@ def csv_table(rows: list[dict]) -> str:
 
 
 def write_plots(rows: list[dict], out: Path) -> list[Path]:
-    from plots import plot_family_curves, plot_tradeoff
+    """Per (dataset, arch): the Avg. Gap chart, the trade-off plot and the per-epoch curves of every method with a
+    history (`avg_gap_*.png`, `tradeoff_*.png`, `curves_*.png` in `out`). Returns the files written."""
+    from plots import family_of, plot_avg_gap, plot_method_curves, plot_tradeoff
 
     written = []
     for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in rows}):
         members = [r for r in rows if r["dataset"] == dataset and r["arch"] == arch and r["seeds"]]
+        gaps: dict[str, list[dict]] = {}
         points: dict[str, list[dict]] = {}
-        curves: dict[str, dict[str, list]] = {}
+        curves: dict[str, dict[str, dict]] = {}
         for row in members:
+            family = family_of(row["config"])
+            if row["reference"]:
+                curves.setdefault(row["scenario"], {})[row["method"]] = {
+                    "family": family, "reference": {key: row[f"{key}_mean"] for key in ("UA", "RA", "TA",
+                                                                                        "MIA_efficacy")}}
+            elif not math.isnan(row["avg_gap_mean"]):
+                gaps.setdefault(row["scenario"], []).append({
+                    "label": row["method"], "family": family, "mean": row["avg_gap_mean"], "std": row["avg_gap_std"],
+                    "n": len(row["seeds"])})
             if not math.isnan(row["forget_gap_mean"]):
                 points.setdefault(row["scenario"], []).append({
-                    "label": row["method"], "TA": row["TA_mean"], "TA_std": row["TA_std"],
+                    "label": row["method"], "family": family, "TA": row["TA_mean"], "TA_std": row["TA_std"],
                     "gap": row["forget_gap_mean"], "gap_std": row["forget_gap_std"], "reference": row["reference"]})
-            if row["family"] and row["curves"]:
-                curves.setdefault(row["scenario"], {})[row["method"]] = row["curves"]
+            if not row["reference"] and row["curves"]:
+                curves.setdefault(row["scenario"], {})[row["method"]] = {"family": family, "runs": row["curves"]}
+        if gaps:
+            written.append(plot_avg_gap(gaps, out / f"avg_gap_{dataset}_{arch}.png",
+                                        title=f"{dataset}, {arch}: which method is closest to Retrain?"))
         if points:
             written.append(plot_tradeoff(points, out / f"tradeoff_{dataset}_{arch}.png",
                                          title=f"{dataset}, {arch}: forgetting vs test accuracy"))
+        curves = {scenario: entry for scenario, entry in curves.items()
+                  if any(value.get("runs") for value in entry.values())}
         if curves:
-            written.append(plot_family_curves(curves, out / f"curves_{dataset}_{arch}.png",
-                                              title=f"{dataset}, {arch}: masking family per epoch"))
+            written.append(plot_method_curves(curves, out / f"curves_{dataset}_{arch}.png",
+                                              title=f"{dataset}, {arch}: per unlearning epoch"))
     return written

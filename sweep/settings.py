@@ -15,6 +15,7 @@ from unlearn import list_methods
 from utils import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PROVENANCE_KEY = "provenance"
 
 
 @dataclass
@@ -32,10 +33,16 @@ class Settings:
     width: int | None = None
     forget_fraction: float = 0.1
     forget_class: int = CLASSWISE_CLASS
-    epoch_eval: str = "masked"  # all | masked | none
+    epoch_eval: str = "all"  # all | masked | none: which methods get per-epoch history
     grid: dict = field(default_factory=dict)
     config: Path | None = None  # per-method hyper-parameters; default configs/benchmark_<dataset>.json when present
     jobs: int = 1
+    # Where cells run (sweep.executors): local workers (pinned to `devices`, `jobs_per_device` each) or submitit jobs.
+    executor: str = "local"
+    devices: list[str] | None = None
+    jobs_per_device: int | None = None
+    cluster: str = "slurm"
+    slurm: dict = field(default_factory=dict)
     rerun: bool = False
     no_download: bool = False
 
@@ -52,6 +59,10 @@ def load_settings_file(path: Path, what: str) -> dict[str, dict]:
         raise UserError(f"{what} '{path}' must be a JSON object {{method: {{flag: [values]}}}}")
     names = list_methods()
     for pattern, entry in payload.items():
+        if pattern == PROVENANCE_KEY:  # how a tuned file was made (benchmark.py --tune): a record, not a method
+            if not isinstance(entry, dict):
+                raise UserError(f"{what} '{path}': '{PROVENANCE_KEY}' must be a JSON object")
+            continue
         if not fnmatch.filter(names, pattern):
             raise UserError(f"{what} '{path}': no method matches '{pattern}'; registered: {', '.join(names)}")
         if not isinstance(entry, dict):
@@ -94,7 +105,10 @@ def method_combos(name: str, scenario: str, sources: list[dict]) -> list[dict[st
 
 
 def default_config_path(dataset: str) -> Path:
-    return CONFIG_DIR / f"benchmark_{dataset}.json"
+    """configs/tuned_<dataset>.json (made by `benchmark.py --tune`) when shipped, else the hand-chosen
+    configs/benchmark_<dataset>.json (whether or not it exists)."""
+    tuned = CONFIG_DIR / f"tuned_{dataset}.json"
+    return tuned if tuned.is_file() else CONFIG_DIR / f"benchmark_{dataset}.json"
 
 
 def check_output_path(path: str | os.PathLike, what: str, directory: bool) -> None:

@@ -496,8 +496,8 @@ def test_boundary_shrink_trains_on_the_frozen_original_labels(random_data, monke
     used = []
     real = sb.fgsm_neighbour_labels
 
-    def spy(frozen, x, y, step=sb.FGSM_STEP):
-        labels, adversarial = real(frozen, x, y, step)
+    def spy(frozen, x, y, step=sb.FGSM_STEP, **kwargs):
+        labels, adversarial = real(frozen, x, y, step, **kwargs)
         assert frozen is method.frozen
         with torch.no_grad():
             assert torch.equal(labels, original(adversarial).argmax(1))  # the original weights, not the live ones

@@ -84,10 +84,12 @@ def test_nested_mlflow_runs(tiny_sweep):
     assert len(parents) >= 1 and len(children) == 6
     parent_ids = {r.info.run_id for r in parents}
     assert all(r.data.tags["mlflow.parentRunId"] in parent_ids for r in children)
-    ga = [r for r in children if r.data.params.get("unlearn") == "GA"]
+    ga = [r for r in children if r.data.params.get("method") == "GA"]
     assert len(ga) == 2 and all(len(client.get_metric_history(r.info.run_id, "UA")) == 1 for r in ga)
     artifacts = {a.path for a in client.list_artifacts(parents[-1].info.run_id)}
-    assert {"results.md", "results.csv", "tradeoff_digits_resnet18.png"} <= artifacts
+    assert {"results.md", "results.csv", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parents[-1].info.run_id, "plots")}
+    assert "plots/tradeoff_digits_resnet18.png" in plots
 
 
 def test_second_invocation_recomputes_nothing(tiny_sweep):

@@ -116,14 +116,20 @@ def test_readme_command_against_a_tracking_server(remote_run):
     assert result["tracking"]["run_id"] == run.info.run_id and result["tracking"]["tracking_uri"] == uri
 
     params = run.data.params
-    assert params["unlearn"] == "VarGrad" and params["quantile"] == "0.55" and params["seed"] == "1"
-    assert params["unlearn_lr"] == "0.0001" and params["hp.grad_mask"] == "prob"
+    assert params["method"] == "VarGrad" and params["method.config"] == "NGPlus+prob"
+    assert params["hp.quantile"] == "0.55" and params["data.seed"] == "1" and params["train.epochs"] == str(EPOCHS)
+    assert params["hp.lr"] == "0.0001" and params["hp.grad_mask"] == "prob" and params["hp.beta"] == "0.9"
+    assert not {"unlearn", "track", "no_plots", "result_json", "save_dir", "data.root"} & set(params)
+    assert "None" not in params.values()
     tags = run.data.tags
     assert tags["split_hash"] == result["split_hash"] and tags["device"] == "cpu"
     assert tags["torch_version"].startswith("2.") and tags["git_commit"]
 
     metric_keys = ["UA", "RA", "TA", "MIA_efficacy", "rUA", "agreement", "avg_gap", "RTE_seconds", "kept_fraction",
-                   *[f"SVC_MIA.{f}" for f in ("correctness", "confidence", "entropy", "m_entropy", "prob")]]
+                   *[f"SVC_MIA.{f}" for f in ("correctness", "entropy", "m_entropy", "prob")],
+                   *[f"retrain.{k}" for k in ("UA", "RA", "TA", "MIA_efficacy")]]
+    assert not {"accuracy.forget", "accuracy.test", "accuracy.retain", "SVC_MIA.confidence"} & set(run.data.metrics)
+    assert run.data.metrics["retrain.UA"] == pytest.approx(result["retrain"]["UA"])
     for key in metric_keys:
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, UNLEARN_EPOCHS + 1)), key
@@ -141,7 +147,11 @@ def test_readme_command_against_a_tracking_server(remote_run):
     artifacts = set(walk())
     assert "VarGradeval_result.json" in artifacts and "config.yaml" in artifacts
     assert any(a.startswith("split/split_random_c-1_n130_s1_") for a in artifacts)
-    assert any(a.startswith("plots/") and a.endswith(".png") for a in artifacts)
+    assert any(a.startswith("plots/") and a.endswith("_curves.png") for a in artifacts)
+    # this run trained both reference models: their training curves are its artifacts
+    assert {"plots/1resnet18_ep2model_SA_best.png"} <= artifacts
+    assert any(a.startswith("plots/1resnet18_ep2_retrain_") for a in artifacts)
+    assert run.info.end_time - run.info.start_time >= 1000 * result["RTE_seconds"]
     local = Path(client.download_artifacts(run.info.run_id, "VarGradeval_result.json", str(cwd)))
     assert json.loads(local.read_text())["UA"] == pytest.approx(result["UA"])
 
@@ -163,7 +173,7 @@ def test_sqlite_default_in_the_working_directory(remote_run, tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_name for r in runs] == ["raw-random130-seed1"]
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "avg_gap")] == [1]
-    assert runs[0].data.params["dataset"] == "digits"
+    assert runs[0].data.params["data.dataset"] == "digits"
     assert "rawcheckpoint.pth.tar" in {p.name for p in (tmp_path / "results" / "digits").iterdir()}
 
 
@@ -184,8 +194,9 @@ def test_tracking_outage_keeps_the_local_result(remote_run, tmp_path, capsys):
     """The server goes away after the run started: one warning, the run finishes, the result JSON is written."""
     import torch
 
-    import pipeline
     import tracking
+    from arg_parser import parse_config
+    from pipeline.runs import tracked_forget
 
     _, remote_cwd, _ = remote_run
     shutil.copytree(remote_cwd / "results", tmp_path / "results")
@@ -208,11 +219,11 @@ def test_tracking_outage_keeps_the_local_result(remote_run, tmp_path, capsys):
     save_dir = str(tmp_path / "results" / "digits")
     command = readme_command(save_dir, "--no-plots")
     command[command.index("--unlearn_epochs") + 1] = "1"
-    args = pipeline.parse_forget_args(command)
+    config = parse_config(command, "mlflow_forget.py")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = pipeline.run_forget(args, tracker, "0")
+        result = tracked_forget(config, tracker, "0")
     finally:
         torch.set_num_threads(threads)
     written = json.loads((Path(save_dir) / "VarGradeval_result.json").read_text())
@@ -229,5 +240,94 @@ def test_epoch_metrics_flattening():
                "agreement": 95.0, "avg_gap": 3.0, "stat_kept_fraction": 0.4, "stat_loss": 0.7, "method": "x"}
     flat = epoch_metrics(metrics)
     assert flat["kept_fraction"] == 0.4 and flat["stat.loss"] == 0.7 and flat["SVC_MIA.entropy"] == 30.0
-    assert flat["accuracy.forget"] == 90.0 and flat["avg_gap"] == 3.0 and "method" not in flat
+    assert flat["avg_gap"] == 3.0 and "method" not in flat
+    # one name per number: UA is 100 - accuracy.forget, TA accuracy.test, MIA_efficacy SVC_MIA.confidence
+    assert "accuracy.forget" not in flat and "accuracy.test" not in flat and "SVC_MIA.confidence" not in flat
     assert epoch_metrics({"UA": 1.0}, {"kept_fraction": 0.2})["kept_fraction"] == 0.2
+
+
+def test_runs_view_link_and_experiment_description(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tracking import EXPERIMENT_KIND, how_to_browse, open_tracker, runs_view_link
+
+    assert runs_view_link("http://host:5000/", "7") == "http://host:5000/#/experiments/7/runs?compareRunsMode=TABLE"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert "mlflow ui --backend-store-uri " + uri in how_to_browse(uri, "3")
+    tracker, experiment_id = open_tracker("described", uri)
+    tags = MlflowClient(tracking_uri=uri).get_experiment(experiment_id).tags
+    assert "Retrain" in tags["mlflow.note.content"] and tags["mlflow.experimentKind"] == EXPERIMENT_KIND
+
+
+# A tiny tracked benchmark, read back through mlflow's own client: a masked method (VarGrad) and an SGD baseline (GA).
+BENCHMARK = ["--datasets", "digits", "--methods", "VarGrad", "GA", "--seeds", "1", "2", "--epochs", "2", "--width",
+             "4", "--unlearn_epochs", "2", "--scenarios", "random", "--jobs", "1", "--no-progress", "--out", "out"]
+
+
+@pytest.fixture(scope="module")
+def tracked_benchmark(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("tracked_benchmark")
+    uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    proc = run_clean("benchmark.py", *BENCHMARK, "--data", str(ROOT / "data"), cwd=cwd,
+                     env=environment_without_tracking(MLFLOW_TRACKING_URI=uri), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return uri, cwd, proc
+
+
+def test_tracked_benchmark_reads_back_complete(tracked_benchmark):
+    from mlflow.tracking import MlflowClient
+
+    uri, cwd, proc = tracked_benchmark
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("benchmark-digits")
+    assert f"#/experiments/{experiment.experiment_id}/runs" in proc.stdout  # the link to the runs view is printed
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parent = next(r for r in runs if r.data.tags.get("sweep") == "benchmark")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    # the name asked for (VarGrad, an alias) is the run name; what it runs is a tag
+    assert set(children) == {f"{name}-random130-seed{seed}" for name in ("VarGrad", "GA", "Retrain")
+                             for seed in (1, 2)}
+    masked, sgd = children["VarGrad-random130-seed1"], children["GA-random130-seed1"]
+    assert masked.data.tags["method.config"] == "NGPlus + prob" and masked.data.tags["method"] == "VarGrad"
+    train = {f"train.{k}" for k in ("arch", "width", "epochs", "lr", "momentum", "weight_decay", "milestones",
+                                    "warmup", "train_seed", "amp")}
+    data = {f"data.{k}" for k in ("dataset", "split", "scenario", "forget_count", "seed", "batch_size", "augment")}
+    common = {"method", "method.config"} | train | data
+    assert set(masked.data.params) == common | {f"hp.{k}" for k in ("lr", "epochs", "beta", "augment", "batch_size",
+                                                                     "quantile", "rho", "ema", "grad_mask")}
+    result = json.loads((cwd / "out" / "cells" / f"{masked.data.tags['cell_key']}.json").read_text())
+    assert {k[3:] for k in masked.data.params if k.startswith("hp.")} == set(result["hyperparameters"])
+    sgd_result = json.loads((cwd / "out" / "cells" / f"{sgd.data.tags['cell_key']}.json").read_text())
+    # exactly what GA uses; a setting it uses but that is unset (no mask file) is no parameter
+    assert set(sgd.data.params) == common | {f"hp.{k}" for k, v in sgd_result["hyperparameters"].items()
+                                             if v is not None}
+    assert {"hp.lr", "hp.epochs"} <= set(sgd.data.params)
+    assert "hp.quantile" not in sgd.data.params and "hp.salun_ratio" not in sgd.data.params
+    assert "None" not in {**masked.data.params, **sgd.data.params}.values()
+    assert masked.data.params["method"] == "VarGrad" and masked.data.params["method.config"] == "NGPlus+prob"
+    retrain = children["Retrain-random130-seed1"]
+    assert train <= set(retrain.data.params) and retrain.data.params["method"] == "Retrain"
+    # per-epoch history of a method outside the masking family, with the Retrain reference beside it
+    assert [m.step for m in sorted(client.get_metric_history(sgd.info.run_id, "UA"), key=lambda m: m.step)] == [1, 2]
+    reference = client.get_metric_history(sgd.info.run_id, "retrain.UA")
+    assert [m.step for m in sorted(reference, key=lambda m: m.step)] == [1, 2]
+    assert reference[0].value == pytest.approx(sgd_result["retrain"]["UA"])
+    # real durations: at least the unlearning time (Retrain: its training time)
+    for run in (masked, sgd, retrain):
+        cell = json.loads((cwd / "out" / "cells" / f"{run.data.tags['cell_key']}.json").read_text())
+        assert run.info.end_time - run.info.start_time >= int(1000 * cell["RTE_seconds"]), run.info.run_name
+
+    def walk(run_id, path=None):
+        for info in client.list_artifacts(run_id, path):
+            yield from walk(run_id, info.path) if info.is_dir else [info.path]
+
+    artifacts = set(walk(parent.info.run_id))
+    assert {"results.md", "results.csv", "plots/avg_gap_digits_resnet18.png", "plots/tradeoff_digits_resnet18.png",
+            "plots/curves_digits_resnet18.png", "plots/1resnet18_ep2model_SA_best.png"} <= artifacts
+    assert any(a.startswith("plots/") and "_retrain_" in a for a in walk(retrain.info.run_id))
+    assert parent.data.params["methods"] == "GA VarGrad" and parent.data.params["width"] == "{'digits': 4}"
+    # artifact files honour the umask (0644 under the usual 022), not mlflow's private temporary files (0600)
+    local = Path(client.download_artifacts(masked.info.run_id, "config.yaml", str(cwd)))
+    stored = Path(urllib.request.url2pathname(client.get_run(masked.info.run_id).info.artifact_uri.removeprefix("file://")))
+    assert (stored / "config.yaml").stat().st_mode & 0o044 == 0o044, oct((stored / "config.yaml").stat().st_mode)
+    assert local.is_file()

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from unlearn.common import AUGMENT, BATCH_SIZE, EPOCHS, LR, augment_for_epoch, wrong_labels
-from unlearn.hparams import HParam, tune
-from unlearn.masks import GradientMask, addon_hparams, collect_grads
+from unlearn.hparams import HParam, searched, tune
+from unlearn.masks import GradientMask, KeptFractionMean, addon_hparams, collect_grads
 from unlearn.registry import UnlearnMethod, register_alias, register_method
 from utils import UserError
 
@@ -103,6 +103,9 @@ class BiObjectiveMethod(UnlearnMethod):
     supports_grad_mask = True
     #: The paper's values (Adam lr 1e-4, 10 epochs, beta 0.9); the add-on mode adds its own (`masks.addon_hparams`).
     hparams: ClassVar[tuple[HParam, ...]] = tune((LR, EPOCHS, BETA, AUGMENT, BATCH_SIZE), lr=1e-4, epochs=10)
+    #: `benchmark.py --tune`: Adam learning rate on a log scale, epochs read off per-epoch evaluation up to 20; beta
+    #: and the add-on's q stay at their defaults, so a masked alias gets the same number of trials as its base.
+    hparams = searched(hparams, lr=("log", 1e-4, 1e-2), epochs=("per_epoch", 20))
     #: True when the saliency gradients of mode ``saliency`` (-CE with true labels on the forget batch) are g_U itself.
     forget_loss_is_saliency: ClassVar[bool] = False
     #: How gradients are cleared between the backward passes (both are correct because g_U is cloned; tests use both).
@@ -183,13 +186,17 @@ class BiObjectiveMethod(UnlearnMethod):
         saliency = None
         if self.mode == "saliency" and not self.forget_loss_is_saliency:
             self._zero_grad()
-            (-F.cross_entropy(self.model(x_forget), y_forget)).backward()
+            with self.autocast():
+                saliency_loss = -F.cross_entropy(self.model(x_forget), y_forget)
+            saliency_loss.backward()
             saliency = collect_grads(self.params)
         self._zero_grad()
-        forget_loss = self.forget_loss(self.model, x_forget, y_forget)
+        with self.autocast():
+            forget_loss = self.forget_loss(self.model, x_forget, y_forget)
         forget_loss.backward()
         forget_grads = collect_grads(self.params)
-        retain_loss = self.retain_loss(self.model, x_retain, y_retain)
+        with self.autocast():
+            retain_loss = self.retain_loss(self.model, x_retain, y_retain)
         retain_grads = self._gradients_of(retain_loss)
         direction = self.mask.direction(forget_grads, retain_grads, saliency)
         for p, d in zip(self.params, direction):
@@ -198,6 +205,7 @@ class BiObjectiveMethod(UnlearnMethod):
         return forget_loss.detach(), retain_loss.detach()
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the forget set. Losses and kept fractions stay on the device and are read once, at the end."""
         self.model.train()
         augment = self._augment_epoch(epoch)
         forget_loader = self.ctx.data.train_loader("forget", self.ctx.generator, batch_size=self.batch_size,
@@ -206,25 +214,27 @@ class BiObjectiveMethod(UnlearnMethod):
         device = self.ctx.device
         forget_sum = torch.zeros((), device=device)
         retain_sum = torch.zeros((), device=device)
-        kept_sum, steps = 0.0, 0
+        kept = KeptFractionMean()
+        steps = 0
         for x_forget, y_forget in forget_loader:
             x_retain, y_retain = next(retain_batches)
             forget_loss, retain_loss = self.step(x_forget, y_forget, x_retain, y_retain)
             forget_sum += forget_loss
             retain_sum += retain_loss
-            kept_sum += self.mask.kept_fraction
+            kept.add(self.mask)
             steps += 1
         self._zero_grad()  # the last direction is not a gradient of anything; do not leave it in .grad
         if steps == 0:
             return {"loss": 0.0, "forget_loss": 0.0, "retain_loss": 0.0, "kept_fraction": 1.0}
-        forget_mean = forget_sum.item() / steps
-        retain_mean = retain_sum.item() / steps
+        forget_total, retain_total = torch.stack((forget_sum, retain_sum)).tolist()
+        forget_mean = forget_total / steps
+        retain_mean = retain_total / steps
         return {
             # The objective whose gradient is the unmasked direction d.
             "loss": self.beta * retain_mean + (1.0 - self.beta) * forget_mean,
             "forget_loss": forget_mean,
             "retain_loss": retain_mean,
-            "kept_fraction": kept_sum / steps,
+            "kept_fraction": kept.value(),
         }
 
 

@@ -75,18 +75,18 @@ def wrong_labels(labels: torch.Tensor, num_classes: int, generator: torch.Genera
     """(y + r) mod K with r uniform in {1, ..., K-1} per sample: uniform over the other classes, never y.
 
     Drawn on the generator's device (the run's CPU generator) and moved to the labels' device, so the draws do not
-    depend on where the model runs.
+    depend on where the model runs. The copy does not block: a blocking copy to a GPU waits for its queue.
     """
     if num_classes < 2:
         raise ValueError(f"wrong labels need at least 2 classes; got {num_classes}")
     shift = torch.randint(1, num_classes, labels.shape, generator=generator, device=generator.device)
-    return (labels + shift.to(labels.device)) % num_classes
+    return (labels + shift.to(labels.device, non_blocking=True)) % num_classes
 
 
 def uniform_labels(labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
     """Uniform over all K classes (upstream's RL code; may equal y), drawn like `wrong_labels`."""
     drawn = torch.randint(0, num_classes, labels.shape, generator=generator, device=generator.device)
-    return drawn.to(labels.device)
+    return drawn.to(labels.device, non_blocking=True)
 
 
 RANDOM_LABELS: dict[str, Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]] = {

@@ -5,6 +5,8 @@ evaluation and tracking) runs outside the timer.
 
 The divergence guard looks at the whole state of the model, parameters and buffers: a huge step can leave finite
 weights but an infinite BatchNorm running variance, and such a model predicts garbage in eval mode just the same.
+It runs once per epoch, like every read of a device value: the methods keep their statistics (losses, kept fractions)
+on the device during the epoch and return them as floats at its end, so a GPU never waits for the host between steps.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearn.registry import UnlearnMethod
-from utils import DivergenceError, Stopwatch, UserError
+from utils import DivergenceError, Stopwatch, UserError, to_channels_last
 
 EpochCallback = Callable[[int, torch.nn.Module, dict, float], None]
 
@@ -53,7 +55,7 @@ def run_unlearning(method: UnlearnMethod, epochs: int, on_epoch: EpochCallback |
     restored and DivergenceError(epoch) is raised. A model that is not finite to begin with is a UserError, raised
     before any work.
     """
-    model = method.model
+    model = to_channels_last(method.model, method.ctx.amp)  # CUDA with --amp bf16 only; also checks --amp
     if not state_is_finite(model):
         raise UserError(f"the model given to {method.name} already has non-finite (inf/NaN) weights or BatchNorm "
                         f"statistics; unlearning needs a finite model: check the --mask checkpoint")

@@ -51,6 +51,10 @@ class HParam:
     in for the default (the unlearning loop then uses the run's batch size, momentum, ... unless the flag is given).
     `check` (optional) validates a coerced value further and raises UserError (e.g. a milestone list);
     `describe` (optional) replaces the generated "allowed" text.
+    `search` (optional) is where `benchmark.py --tune` looks for a value (see :data:`SEARCH_KINDS`): ("log", low, high)
+    and ("linear", low, high) are intervals sampled by a fixed design, ("choice", a, b, ...) a list, and
+    ("per_epoch", max) marks the epoch count that is read off per-epoch evaluation of one run of `max` epochs, so it
+    costs no trials of its own.
     """
 
     name: str
@@ -70,6 +74,7 @@ class HParam:
     nullable: bool = False
     check: Callable[[Any], None] | None = field(default=None, compare=False)
     describe: str = ""
+    search: tuple = ()
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -97,6 +102,9 @@ class HParam:
                 self.validate(self.paper_era)
         except UserError as exc:
             raise ValueError(f"hyper-parameter {self.name}: invalid declaration ({exc})") from exc
+        if self.search:
+            object.__setattr__(self, "search", tuple(self.search))
+            check_search(self)
 
     @property
     def option(self) -> str:
@@ -188,6 +196,44 @@ class HParam:
         if dataset is not None and dataset in self.dataset_defaults:
             return self.dataset_defaults[dataset]
         return self.default
+
+
+SEARCH_KINDS = ("log", "linear", "choice", "per_epoch")
+
+
+def check_search(hp: HParam) -> None:
+    """Raise ValueError unless `hp.search` is a valid search space whose every value `hp.validate` accepts."""
+    kind, *rest = hp.search
+    if kind not in SEARCH_KINDS:
+        raise ValueError(f"hyper-parameter {hp.name}: search kind {kind!r} is not one of {', '.join(SEARCH_KINDS)}")
+    try:
+        if kind in ("log", "linear"):
+            if hp.kind is not float or len(rest) != 2 or not rest[0] < rest[1] or (kind == "log" and rest[0] <= 0):
+                raise ValueError(f"hyper-parameter {hp.name}: search ({kind!r}, low, high) needs a float parameter "
+                                 f"and 0 < low < high (log) or low < high (linear), got {hp.search}")
+            hp.validate(rest[0])
+            hp.validate(rest[1])
+        elif kind == "choice":
+            if not rest:
+                raise ValueError(f"hyper-parameter {hp.name}: empty search choice")
+            for value in rest:
+                hp.validate(value)
+        else:
+            if hp.kind is not int or len(rest) != 1 or isinstance(rest[0], bool) or not isinstance(rest[0], int):
+                raise ValueError(f"hyper-parameter {hp.name}: search ('per_epoch', max) needs an int parameter and an "
+                                 f"int maximum, got {hp.search}")
+            hp.validate(rest[0])
+    except UserError as exc:
+        raise ValueError(f"hyper-parameter {hp.name}: search space {hp.search} leaves the allowed range ({exc})") from exc
+
+
+def searched(hparams: Iterable[HParam], **spaces: tuple) -> tuple[HParam, ...]:
+    """`hparams` with search spaces (by name) for `benchmark.py --tune`; the others keep theirs (none, or inherited)."""
+    hparams = tuple(hparams)
+    unknown = sorted(set(spaces) - {hp.name for hp in hparams})
+    if unknown:
+        raise ValueError(f"searched: {', '.join(unknown)} not declared")
+    return tuple(hp.replace(search=spaces[hp.name]) if hp.name in spaces else hp for hp in hparams)
 
 
 def tune(hparams: Iterable[HParam], digits: Mapping[str, Any] | None = None, **defaults: Any) -> tuple[HParam, ...]:

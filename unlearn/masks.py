@@ -49,6 +49,8 @@ __all__ = [
     "opt_keep_mask",
     "saliency_keep_mask",
     "addon_hparams",
+    "kept_share",
+    "KeptFractionMean",
 ]
 
 MASK_MODES: Tuple[str, ...] = ("none", "and", "prob", "focus", "opt", "focus_opt", "saliency", "bernoulli")
@@ -156,6 +158,10 @@ def _unreachable_quantile_message(quantile: float, rho: float, ema: str) -> str:
 # Per-tensor masks
 
 
+#: Device types on which the OPT cut-off is searched on the host (see `opt_keep_mask`). A CPU has no queue of kernels
+#: that a host read would wait for; on accelerators the search stays on the device, with no synchronisation.
+HOST_SEARCH_DEVICE_TYPES: Tuple[str, ...] = ("cpu",)
+
 # CPU search for the OPT cut-off: first among the k = max(1024, n/16) most conflicting coordinates only, since the
 # removed prefix is often short (about 2 % of the coordinates on independent Gaussian gradients); a full sort
 # when the cut-off lies further.
@@ -184,7 +190,7 @@ def opt_keep_mask(u: torch.Tensor, c: torch.Tensor, beta: float) -> torch.Tensor
         )
     if u.shape != c.shape:
         raise ValueError(f"OPT mask needs u and c of the same shape; got {tuple(u.shape)} and {tuple(c.shape)}")
-    return _opt_keep_mask(u, c, float(beta), incremental=u.device.type == "cpu")
+    return _opt_keep_mask(u, c, float(beta), incremental=u.device.type in HOST_SEARCH_DEVICE_TYPES)
 
 
 def _opt_feasibility(sorted_terms: torch.Tensor, totals: torch.Tensor, beta: float) -> torch.Tensor:
@@ -296,6 +302,46 @@ def collect_grads(params: Iterable[torch.Tensor]) -> List[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Kept fraction
+
+
+def kept_share(kept: int, total: int) -> float:
+    """Fraction of `total` coordinates that `kept` are; 1.0 when there are none (nothing was masked)."""
+    return kept / total if total else 1.0
+
+
+class KeptFractionMean:
+    """Mean over the steps of an epoch of :attr:`GradientMask.kept_fraction`, with one host read per epoch.
+
+    :meth:`add` records the mask's device-side count after each step (no synchronisation); :meth:`value` brings every
+    count to the host in one transfer and averages the per-step fractions in step order, so the result is the same
+    float as reading ``kept_fraction`` after every step and averaging (1.0 when no step was added).
+    """
+
+    def __init__(self) -> None:
+        self._steps: List[Tuple[Union[int, torch.Tensor], int]] = []
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def add(self, mask: "GradientMask") -> None:
+        count = mask.kept_count
+        if count is None:
+            raise ValueError("KeptFractionMean.add needs a mask that has computed a direction")
+        self._steps.append((count, mask.num_elements))
+
+    def value(self) -> float:
+        if not self._steps:
+            return 1.0
+        on_device = [count for count, _ in self._steps if isinstance(count, torch.Tensor)]
+        host = iter(torch.stack(on_device).tolist()) if on_device else iter(())
+        total = 0.0
+        for count, elements in self._steps:
+            total += kept_share(next(host) if isinstance(count, torch.Tensor) else count, elements)
+        return total / len(self._steps)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The add-on
 
 
@@ -371,6 +417,7 @@ class GradientMask:
         self._v_retain: Optional[List[torch.Tensor]] = None
         self._last_focus: Optional[List[torch.Tensor]] = None
         self._kept_masks: Optional[List[torch.Tensor]] = None
+        self._kept_count: Union[None, int, torch.Tensor] = None
         self._kept_fraction: Optional[float] = None
         self._num_elements = 0
         self._generators = {}
@@ -403,13 +450,31 @@ class GradientMask:
 
         1.0 for ``none`` and ``focus``; the kept share of M for ``opt``/``focus_opt``; the drawn share for
         ``bernoulli``; the kept share for ``and``/``prob``/``saliency``. Computed on first access, so steps whose
-        fraction is never read pay no device-to-host synchronisation.
+        fraction is never read pay no device-to-host synchronisation. A loop that wants the fraction of every step
+        without a synchronisation per step reads :attr:`kept_count` instead (see :class:`KeptFractionMean`).
         """
-        if self._kept_fraction is None and self._kept_masks is not None:
-            kept = sum(int(torch.count_nonzero(mask)) for mask in self._kept_masks)
-            self._kept_fraction = kept / self._num_elements if self._num_elements else 1.0
-            self._kept_masks = None
+        if self._kept_fraction is None:
+            count = self.kept_count
+            if count is not None:
+                self._kept_fraction = kept_share(int(count), self._num_elements)
         return self._kept_fraction
+
+    @property
+    def kept_count(self) -> Union[None, int, torch.Tensor]:
+        """Number of coordinates kept by the last call, without a host synchronisation (None before a call).
+
+        A 0-d int64 tensor on the gradients' device for the modes that mask, counted on the device; a Python int for
+        ``none`` and ``focus`` (every coordinate). The fraction is ``kept_share(count, num_elements)``.
+        """
+        if self._kept_count is None and self._kept_masks is not None:
+            self._kept_count = torch.stack([torch.count_nonzero(mask) for mask in self._kept_masks]).sum()
+            self._kept_masks = None
+        return self._kept_count
+
+    @property
+    def num_elements(self) -> int:
+        """Number of coordinates of the last call (all tensors together)."""
+        return self._num_elements
 
     def __repr__(self) -> str:
         return (
@@ -448,9 +513,11 @@ class GradientMask:
 
         self._num_elements = sum(g.numel() for g in g_u)
         self._kept_fraction = None
+        self._kept_count = None
         self._kept_masks = None
         if not g_u:
             self._last_focus = [] if self.uses_focus else None
+            self._kept_count = 0
             self._kept_fraction = 1.0
             return []
 
@@ -465,6 +532,7 @@ class GradientMask:
         if mode == "none" or mode == "focus":
             if focus is not None:
                 torch._foreach_mul_(d, focus)
+            self._kept_count = self._num_elements
             self._kept_fraction = 1.0
         elif mode == "and":
             # sign(g_U)*g_C has the sign of g_U*g_C without the underflow of a product of two small numbers.

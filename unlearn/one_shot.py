@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dataset import TensorLoader
 from unlearn.common import (ALPHA, BATCH_SIZE, MASK_PATH, accumulate_gradients, load_mask_file, require_mask_file,
                             statistics_loader, trainable_parameters)
-from unlearn.hparams import HParam, tune
+from unlearn.hparams import HParam, searched, tune
 from unlearn.registry import UnlearnMethod, register_alias, register_method
 from utils import temporarily_eval
 
@@ -106,7 +106,9 @@ class WFisher(UnlearnMethod):
     summary = "influence unlearning (IU) with the WoodFisher inverse-Hessian approximation"
     hparams = tune((ALPHA.replace(help="IU: scale of the influence update", low_open=True), BATCH_SIZE, MASK_PATH),
                    alpha=10.0, digits={"alpha": 30.0})
+    hparams = searched(hparams, alpha=("log", 1.0, 300.0))
     one_shot = True
+    deterministic = True
 
     @classmethod
     def check_hparams(cls, hp: Mapping[str, Any]) -> None:
@@ -203,6 +205,7 @@ class FisherForgetting(UnlearnMethod):
     summary = "Fisher forgetting (FF): Gaussian noise shaped by the inverse retain-set Fisher"
     hparams = tune((ALPHA.replace(help="FF: scale of the noise variance", low_open=True),), alpha=1e-9,
                    digits={"alpha": 3e-6})
+    hparams = searched(hparams, alpha=("log", 1e-7, 1e-4))
     refused_flags = {"mask_path": "its update is noise on every weight"}
     one_shot = True
 
@@ -258,8 +261,10 @@ class SSD(UnlearnMethod):
     summary = "selective synaptic dampening of forget-specific weights (Fisher importances)"
     hparams = tune((ALPHA.replace(help="SSD: selection threshold (imp_f > alpha imp_r)"), SSD_LAMBDA, SSD_REFERENCE,
                     BATCH_SIZE), alpha=10.0, digits={"alpha": 5.0, "ssd_lambda": 1.0})
+    hparams = searched(hparams, alpha=("log", 1.0, 30.0), ssd_lambda=("linear", 0.25, 1.0))
     refused_flags = {"mask_path": "it selects its own parameters"}
     one_shot = True
+    deterministic = True
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         data = self.ctx.data

@@ -9,6 +9,7 @@ class Raw(UnlearnMethod):
     name = "raw"
     summary = "evaluate the original model (no unlearning)"
     one_shot = True  # no hyper-parameters: nothing to tune
+    deterministic = True
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         return {}
@@ -30,6 +31,6 @@ class Retrain(UnlearnMethod):
             raise ValueError("retrain needs the model factory and the training recipe of the original model")
         fresh = self.ctx.model_factory().to(self.ctx.device)
         result = train_model(fresh, self.ctx.data, self.ctx.train_recipe, seed=self.ctx.retrain_seed, part="retain",
-                             progress=self.ctx.progress, desc="retrain")
+                             progress=self.ctx.progress, desc="retrain", amp=self.ctx.amp)
         self.model.load_state_dict(result.model.state_dict())
         return {"loss": result.history["train_loss"][-1] if result.history["train_loss"] else 0.0}

@@ -15,7 +15,7 @@ import torch
 
 from unlearn.hparams import UNSET, HParam
 from unlearn.masks import addon_hparams
-from utils import UserError
+from utils import UserError, forward_precision
 
 METHODS: dict[str, type["UnlearnMethod"]] = {}
 ALIASES: dict[str, "Alias"] = {}
@@ -36,6 +36,7 @@ class UnlearnContext:
     progress: bool = True
     log: Callable[[str], None] = print
     paper_era: bool = False                          # run-level switch: upstream's bug-compatible behaviours
+    amp: str = "off"                                 # --amp: precision of forward passes (utils.forward_precision)
 
     @property
     def device(self) -> torch.device:
@@ -60,6 +61,7 @@ class UnlearnMethod:
     #: flag -> why this method refuses it; giving such a flag is an error (not silently ignored).
     refused_flags: ClassVar[Mapping[str, str]] = {}
     one_shot: ClassVar[bool] = False          # a single pass, not epochs (IU, FF, SSD, raw)
+    deterministic: ClassVar[bool] = False     # draws nothing at random: repeated runs give the same model
     supports_grad_mask: ClassVar[bool] = False  # a bi-objective base that the mask add-ons can be applied to
     mask_unsupported_reason: ClassVar[str] = "it is not a bi-objective method"
 
@@ -81,6 +83,14 @@ class UnlearnMethod:
 
     def finish(self) -> None:
         """Work done once after the last epoch (counted in RTE)."""
+
+    def autocast(self):
+        """Context for a forward pass and its loss under the run's `--amp` (a null context when it is off).
+
+        Backward passes, gradient statistics and optimiser steps stay outside it: they work on float32 parameters and
+        gradients, and autocast is meant for forward computations only.
+        """
+        return forward_precision(self.ctx.amp, self.ctx.device)
 
     def evaluation_model(self) -> torch.nn.Module:
         """The model to evaluate between epochs (BE evaluates without its shadow class)."""

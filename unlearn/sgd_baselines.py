@@ -21,10 +21,11 @@ collapses on 2 of 3 seeds).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, ContextManager, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -36,7 +37,7 @@ from training import parse_milestones
 from unlearn.common import (ALPHA, AUGMENT, BATCH_SIZE, DECREASING_LR, EPOCHS, LR, MASK_PATH, MOMENTUM, RANDOM_LABELS,
                             WEIGHT_DECAY, accumulate_gradients, augment_for_epoch, load_mask_file, require_mask_file,
                             save_mask, statistics_loader)
-from unlearn.hparams import HParam, tune, without
+from unlearn.hparams import HParam, searched, tune, without
 from unlearn.registry import UnlearnMethod, register_alias, register_method
 from utils import UserError, temporarily_eval
 
@@ -80,15 +81,18 @@ def l1_alpha(alpha: float, epoch: int, epochs: int, no_l1_epochs: int) -> float:
 
 
 def fgsm_neighbour_labels(frozen: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                          step: float = FGSM_STEP) -> tuple[torch.Tensor, torch.Tensor]:
+                          step: float = FGSM_STEP,
+                          autocast: Callable[[], ContextManager] = contextlib.nullcontext
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """BS: one FGSM step on the [0, 1] image against the frozen original model, rounded to the 8-bit
     grid; the label is the frozen model's prediction on it ("nearest but incorrect" class, which can equal y).
-    Returns (labels, adversarial images)."""
+    `autocast` gives the context of the two forward passes (the run's `--amp`). Returns (labels, adversarial images)."""
     x = images.detach().clone().requires_grad_(True)
-    loss = F.cross_entropy(frozen(x), labels)
+    with autocast():
+        loss = F.cross_entropy(frozen(x), labels)
     (grad,) = torch.autograd.grad(loss, x)
     adversarial = torch.round(torch.clamp(images + step * grad.sign(), 0.0, 1.0) * 255.0) / 255.0
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         return frozen(adversarial).argmax(1), adversarial
 
 
@@ -196,8 +200,15 @@ class SGDMethod(UnlearnMethod):
         return TensorLoader(images, labels, self.batch_size, shuffle=True,
                             augment=data.data.augment if use else "none", generator=self.ctx.generator)
 
+    def cross_entropy_step(self, x: torch.Tensor, targets: torch.Tensor, ascend: bool = False) -> None:
+        """One step on CE(model(x), targets) (on -CE with `ascend`), the forward pass under the run's `--amp`."""
+        with self.autocast():
+            loss = F.cross_entropy(self.model(x), targets)
+        self.step(-loss if ascend else loss, len(targets))
+
     def step(self, loss: torch.Tensor, n: int) -> None:
-        """Backward, mask, SGD step, freeze restore; accumulates the sample-weighted loss of the epoch."""
+        """Backward, mask, SGD step, freeze restore; accumulates the sample-weighted loss of the epoch on the device
+        (read once per epoch in `run_epoch`)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         mask = self.weight_mask
@@ -243,12 +254,13 @@ class FT(SGDMethod):
     name = "FT"
     summary = "fine-tune on the retain set with cross-entropy (SGD)"
     hparams = tune(SGDMethod.hparams, lr=0.01, epochs=10, digits={"lr": 0.1, "epochs": 10})
+    hparams = searched(hparams, lr=("log", 1e-3, 0.3), epochs=("per_epoch", 10))
     supports_grad_mask = False
     mask_unsupported_reason = "FT has no forget gradient (it only descends the retain loss), so there is no second gradient to mask against"
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         for x, y in self.loader("retain", epoch):
-            self.step(F.cross_entropy(self.model(x), y), len(y))
+            self.cross_entropy_step(x, y)
         return {}
 
 
@@ -260,12 +272,13 @@ class GA(SGDMethod):
     name = "GA"
     summary = "gradient ascent on the forget-set cross-entropy (SGD)"
     hparams = tune(SGDMethod.hparams, lr=1e-4, epochs=5, digits={"lr": 3e-3, "epochs": 5})
+    hparams = searched(hparams, lr=("log", 1e-4, 1e-2), epochs=("per_epoch", 10))
     supports_grad_mask = False
     mask_unsupported_reason = "GA has no retain gradient (it only ascends the forget loss), so there is no second gradient to mask against"
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         for x, y in self.loader("forget", epoch):
-            self.step(-F.cross_entropy(self.model(x), y), len(y))
+            self.cross_entropy_step(x, y, ascend=True)
         return {}
 
 
@@ -282,6 +295,7 @@ class RL(SGDMethod):
     summary = "random labels on the forget set + cross-entropy on the retain set (SGD)"
     hparams = tune(SGDMethod.hparams + (RL_SCHEDULE, RL_LABELS), lr=0.01, epochs=10,
                    digits={"lr": 0.003, "epochs": 3})
+    hparams = searched(hparams, lr=("log", 3e-4, 3e-2), epochs=("per_epoch", 10))
     supports_grad_mask = False
     mask_unsupported_reason = "RL mixes forget and retain samples in one loss (no separate forget and retain gradients)"
 
@@ -302,14 +316,14 @@ class RL(SGDMethod):
             loader = self.tensor_loader(torch.cat([forget_x, retain_x]), torch.cat([fake, retain_y]), epoch)
             self.epoch_started(epoch, len(loader))
             for x, y in loader:
-                self.step(F.cross_entropy(self.model(x), y), len(y))
+                self.cross_entropy_step(x, y)
         else:
             forget, retain = self.loader("forget", epoch), self.loader("retain", epoch)
             self.epoch_started(epoch, len(forget) + len(retain))
             for x, y in forget:
-                self.step(F.cross_entropy(self.model(x), self.draw_labels(y, C, gen)), len(y))
+                self.cross_entropy_step(x, self.draw_labels(y, C, gen))
             for x, y in retain:
-                self.step(F.cross_entropy(self.model(x), y), len(y))
+                self.cross_entropy_step(x, y)
         return {}
 
 
@@ -323,6 +337,8 @@ class FTL1(SGDMethod):
     hparams = tune(SGDMethod.hparams + (ALPHA.replace(help="FT_l1: coefficient of the l1 penalty at the first epoch"),
                                         NO_L1_EPOCHS),
                    lr=0.01, epochs=10, alpha=1e-4, digits={"lr": 0.1, "epochs": 10, "alpha": 1e-4})
+    # alpha stays at its default: one searched dimension, like FT, so the budget is spent on the step size.
+    hparams = searched(hparams, lr=("log", 1e-3, 0.3), epochs=("per_epoch", 10))
     supports_grad_mask = False
     mask_unsupported_reason = "FT_l1 has no forget gradient (it only descends the retain loss plus l1)"
 
@@ -337,7 +353,8 @@ class FTL1(SGDMethod):
         alpha = l1_alpha(self.hp["alpha"], epoch, self.hp["epochs"], self.hp["no_l1_epochs"])
         params = list(self.model.parameters())
         for x, y in self.loader("retain", epoch):
-            loss = F.cross_entropy(self.model(x), y)
+            with self.autocast():
+                loss = F.cross_entropy(self.model(x), y)
             if alpha:
                 loss = loss + alpha * torch.stack([p.abs().sum() for p in params]).sum()
             self.step(loss, len(y))
@@ -366,6 +383,7 @@ class BoundaryExpanding(SGDMethod):
     summary = "boundary expanding: forget samples -> an extra shadow class, then drop it"
     hparams = tune(without(SGDMethod.hparams, "mask_path", "mask_semantics"), lr=5e-6, epochs=10,
                    digits={"lr": 5e-6, "epochs": 10})
+    hparams = searched(hparams, lr=("log", 1e-6, 1e-3), epochs=("per_epoch", 10))
     refused_flags = {"mask_path": "its classifier gains a shadow row that no mask file covers"}
 
     def prepare(self) -> None:
@@ -383,11 +401,11 @@ class BoundaryExpanding(SGDMethod):
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         for x, y in self.loader("forget", epoch):
-            self.step(F.cross_entropy(self.model(x), torch.full_like(y, self.num_original_classes)), len(y))
+            self.cross_entropy_step(x, torch.full_like(y, self.num_original_classes))
         return {}
 
     def finish(self) -> None:
-        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())  # one read
         if self.ctx.paper_era or not finite:  # non-finite: the driver restores the last finite (C + 1) weights
             return
         expanded = get_classifier(self.model)
@@ -413,6 +431,7 @@ class BoundaryShrink(SGDMethod):
     name = "boundary_shrink"
     summary = "boundary shrinking: forget samples -> the original model's label of their FGSM neighbour"
     hparams = tune(SGDMethod.hparams, lr=5e-6, epochs=10, digits={"lr": 2e-4, "epochs": 10})
+    hparams = searched(hparams, lr=("log", 1e-5, 3e-3), epochs=("per_epoch", 10))
 
     def prepare(self) -> None:
         self.frozen = copy.deepcopy(self.model).eval()
@@ -420,13 +439,14 @@ class BoundaryShrink(SGDMethod):
             p.requires_grad_(False)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        changed = total = 0
+        changed = torch.zeros((), dtype=torch.long, device=self.ctx.device)  # on the device: read once per epoch
+        total = 0
         for x, y in self.loader("forget", epoch):
-            neighbour, _ = fgsm_neighbour_labels(self.frozen, x, y)
-            changed += int((neighbour != y).sum())
+            neighbour, _ = fgsm_neighbour_labels(self.frozen, x, y, autocast=self.autocast)
+            changed += (neighbour != y).sum()
             total += len(y)
-            self.step(F.cross_entropy(self.model(x), neighbour), len(y))
-        return {"relabelled": changed / max(total, 1)}
+            self.cross_entropy_step(x, neighbour)
+        return {"relabelled": changed.item() / max(total, 1)}
 
 
 @register_method
@@ -443,6 +463,7 @@ class SalUn(RL):
     summary = "random labelling restricted to the forget-salient weights (saliency mask)"
     hparams = tune(RL.hparams + (SALUN_RATIO,), lr=0.013, epochs=10, digits={"lr": 0.003, "epochs": 3})
     hparams = tuple(hp.replace(help=SALUN_MASK_PATH_HELP) if hp.name == "mask_path" else hp for hp in hparams)
+    hparams = searched(hparams, lr=("log", 3e-4, 3e-2), epochs=("per_epoch", 10))
     computes_missing_mask = True
 
     @classmethod
@@ -479,6 +500,7 @@ class SalUnSoft(RL):
     summary = "random labelling with a proximal soft threshold on the weight change (RL_proximal)"
     hparams = tune(without(RL.hparams, "mask_path", "mask_semantics") + (MASK_RATIO,), lr=0.013, epochs=10,
                    digits={"lr": 0.003, "epochs": 3})
+    hparams = searched(hparams, lr=("log", 3e-4, 3e-2), epochs=("per_epoch", 10))
     refused_flags = {"mask_path": "SalUn-soft replaces the hard mask by its proximal threshold"}
 
     def epoch_started(self, epoch: int, steps: int) -> None:

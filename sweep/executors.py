@@ -1,0 +1,422 @@
+"""Where a sweep's cells run: in this process, on local worker processes pinned to devices (one or more workers per
+GPU, or CPU workers), or as submitit jobs (a SLURM job array, or submitit's local / debug stand-ins for tests).
+
+Every executor runs the same cell function (`sweep.execute.execute`) and hands its report back to the submitting
+process, which writes the cell's result file (`sweep.execute.deliver`) and is the only process that talks to the
+tracking store. The scheduler (`schedule`) starts a cell once its dependencies (the original and Retrain models it
+needs) are finished, so those models are trained once and shared by every worker.
+
+submitit jobs are recorded in `<out>/jobs.json` (cell key -> job id, its folder and logs): an interrupted benchmark,
+invoked again, collects the results of jobs still running or finished meanwhile instead of submitting them again.
+"""
+from __future__ import annotations
+
+import concurrent.futures as futures
+import importlib
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from utils import UserError, atomic_write_json
+
+__all__ = ["CLUSTERS", "EXECUTORS", "JOBS_FILE", "InProcess", "LocalPools", "Slot", "SubmititJobs",
+           "add_execution_flags", "execution_settings", "plan_slots", "run_cells", "schedule"]
+
+EXECUTORS = ("local", "submitit")
+CLUSTERS = ("slurm", "local", "debug")
+JOBS_FILE = "jobs.json"
+INSTALL_SUBMITIT = "pip install submitit"
+ROOT = Path(__file__).resolve().parents[1]
+POLL_SECONDS = 1.0
+# SLURM states after which a job will never write its result: its cell is submitted again.
+SLURM_DEAD_STATES = {"BOOT_FAIL", "CANCELLED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                     "REVOKED", "TIMEOUT"}
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    import argparse
+
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
+def add_execution_flags(parser) -> None:
+    g = parser.add_argument_group("executors: where cells run")
+    g.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: worker processes on this machine (default); submitit: one job per cell, submitted "
+                        "as a job array (--cluster)")
+    g.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+                   help="--executor local: devices to spread the workers over, e.g. cuda:0 cuda:1 (default: every "
+                        "visible GPU with --device auto, else --device); each worker is pinned to its device")
+    g.add_argument("--jobs-per-device", dest="jobs_per_device", type=_positive, default=None,
+                   help="workers per device (default: 1 per GPU; --jobs on the CPU)")
+    g.add_argument("--cluster", choices=CLUSTERS, default="slurm",
+                   help="--executor submitit: slurm (default), local (jobs as processes here) or debug (in this "
+                        "process)")
+    g.add_argument("--slurm-partition", dest="slurm_partition", default=None, help="SLURM partition")
+    g.add_argument("--slurm-time", dest="slurm_time", type=_positive, default=240,
+                   help="time limit of one job in minutes (default 240; also the local cluster's limit)")
+    g.add_argument("--slurm-gpus-per-job", dest="slurm_gpus_per_job", type=_non_negative, default=1,
+                   help="GPUs per job (default 1; 0 for CPU-only jobs)")
+    g.add_argument("--slurm-cpus-per-job", dest="slurm_cpus_per_job", type=_positive, default=4,
+                   help="CPU cores per job (default 4)")
+    g.add_argument("--slurm-array-parallelism", dest="slurm_array_parallelism", type=_positive, default=32,
+                   help="jobs of the array running at once (default 32; with --cluster local: jobs at once here)")
+    g.add_argument("--slurm-folder", dest="slurm_folder", default=None, metavar="DIR",
+                   help="submitit's folder: job pickles and the stdout/stderr logs of each job (default "
+                        "<out>/submitit)")
+
+
+def execution_settings(args) -> dict:
+    """The `Settings` fields of the execution flags, checked before any work: an unusable device, a missing submitit,
+    an unreachable SLURM are one-line errors."""
+    slurm = {"partition": args.slurm_partition, "time": args.slurm_time, "gpus_per_job": args.slurm_gpus_per_job,
+             "cpus_per_job": args.slurm_cpus_per_job, "array_parallelism": args.slurm_array_parallelism,
+             "folder": args.slurm_folder}
+    if args.executor == "submitit":
+        if args.devices is not None or args.jobs_per_device is not None:
+            raise UserError("--devices and --jobs-per-device are for --executor local; submitit jobs get their "
+                            "devices from the cluster (--slurm-gpus-per-job)")
+        _import_submitit()
+        if args.cluster == "slurm":
+            check_slurm_reachable()
+    else:
+        plan_slots(args.devices, args.device, args.jobs or 1, args.jobs_per_device)  # raises on a bad device
+    return {"executor": args.executor, "devices": args.devices, "jobs_per_device": args.jobs_per_device,
+            "cluster": args.cluster, "slurm": slurm}
+
+
+def _import_submitit():
+    try:
+        return importlib.import_module("submitit")
+    except ImportError:
+        raise UserError(f"--executor submitit needs the submitit package, which is not installed: "
+                        f"{INSTALL_SUBMITIT}") from None
+
+
+def check_slurm_reachable() -> None:
+    if shutil.which("sbatch") is None:
+        raise UserError("--cluster slurm: no SLURM here (sbatch is not on PATH); run on a SLURM login node, or use "
+                        "--cluster local")
+    try:
+        probe = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"--cluster slurm: no SLURM controller answers (sinfo: {exc}); use --cluster local") from None
+    if probe.returncode != 0:
+        reason = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1]
+        raise UserError(f"--cluster slurm: no SLURM controller answers (sinfo: {reason}); use --cluster local")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Devices of the local executor
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Slot:
+    """Workers on one device. `visible_gpus`: the worker's CUDA_VISIBLE_DEVICES ("" hides every GPU), None: as is."""
+
+    device: str
+    visible_gpus: str | None
+    workers: int
+
+
+def plan_slots(devices: list[str] | None, device: str, jobs: int, jobs_per_device: int | None) -> list[Slot]:
+    """The workers of the local executor. Default: one worker per visible GPU (`jobs_per_device` each) when --device
+    is auto and CUDA is there, else `jobs` workers (or `jobs_per_device`) on --device, as before devices existed."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if devices is None:
+        if device in ("auto", "") and gpus > 0:
+            devices = [f"cuda:{i}" for i in range(gpus)]
+            if gpus == 1:  # the only GPU: nothing to pin, the worker's --device auto finds it
+                return [Slot("cuda:0", None, jobs_per_device or 1)]
+        else:
+            return [Slot(device, None, jobs_per_device or jobs)]
+    elif device not in ("auto", ""):
+        raise UserError(f"--device {device} and --devices: give one of them (--devices pins each worker to its device "
+                        f"and the cells run with --device auto)")
+    if len(set(devices)) != len(devices):
+        raise UserError(f"--devices {' '.join(devices)}: a device is listed twice; use --jobs-per-device for several "
+                        f"workers on one device")
+    slots = []
+    for name in devices:
+        if name == "cpu":
+            slots.append(Slot("cpu", "" if gpus else None, jobs_per_device or jobs))
+            continue
+        index = name.removeprefix("cuda:")
+        if not name.startswith("cuda:") or not index.isdigit():
+            raise UserError(f"--devices: '{name}' is not a device; use cpu or cuda:N")
+        if int(index) >= gpus:
+            seen = f"GPUs cuda:0 to cuda:{gpus - 1}" if gpus else "no GPU"
+            raise UserError(f"--devices {name}: this machine has {seen}")
+        slots.append(Slot(name, index, jobs_per_device or 1))
+    return slots
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The scheduler and its executors
+# ---------------------------------------------------------------------------------------------------------------------
+
+class Executor(Protocol):
+    capacity: int  # cells in flight at most
+
+    def start(self, cells: list, out: Path) -> None: ...
+
+    def wait(self) -> list[tuple]: ...  # (cell, report) pairs, at least one
+
+    def adopt(self, cells: list, out: Path) -> list: ...  # cells whose earlier jobs are still theirs to collect
+
+
+def schedule(pending: list, out: Path, finished: set[str], dead: set[str], handle: Callable, skip: Callable,
+             executor: Executor) -> None:
+    """Run `pending`, each cell once its dependencies are in `finished`, at most `executor.capacity` at a time; a cell
+    whose dependency is in `dead` is skipped (`skip(cell)`, and it joins `dead`). Each report is delivered (the result
+    file written here) before `handle(cell, report)`, which updates `finished` / `dead`."""
+    from sweep.execute import deliver
+
+    adopted = {cell.key for cell in executor.adopt(pending, out)}
+    pending = [cell for cell in pending if cell.key not in adopted]
+    in_flight = len(adopted)
+    while True:
+        ready = []
+        for cell in list(pending):
+            if any(d in dead for d in cell.deps):
+                pending.remove(cell)
+                dead.add(cell.key)
+                skip(cell)
+            elif in_flight + len(ready) < executor.capacity and all(d in finished for d in cell.deps):
+                pending.remove(cell)
+                ready.append(cell)
+        if ready:
+            executor.start(ready, out)
+            in_flight += len(ready)
+        if not in_flight:
+            if pending:  # dependencies that are neither finished nor pending: cannot happen, but never hang
+                raise RuntimeError(f"unschedulable cells: {[c.key for c in pending]}")
+            return
+        for cell, report in executor.wait():
+            in_flight -= 1
+            deliver(cell, report, out)
+            handle(cell, report)
+
+
+class InProcess:
+    """One cell at a time in this process (one worker on one device: no process to start)."""
+
+    capacity = 1
+
+    def __init__(self) -> None:
+        self._cells: list = []
+
+    def adopt(self, cells: list, out: Path) -> list:
+        return []
+
+    def start(self, cells: list, out: Path) -> None:
+        self._cells += [(cell, out) for cell in cells]
+
+    def wait(self) -> list[tuple]:
+        from sweep.execute import execute, task_of
+
+        cell, out = self._cells.pop(0)
+        return [(cell, execute(task_of(cell, out)))]
+
+
+class LocalPools:
+    """Worker processes, `slot.workers` per device, each pinned to its device; a cell goes to the device with the
+    most free workers."""
+
+    def __init__(self, slots: list[Slot]):
+        from sweep.execute import start_pool
+
+        self.slots = slots
+        self.capacity = sum(slot.workers for slot in slots)
+        self.pools = [start_pool(slot.workers, slot.visible_gpus) for slot in slots]
+        self.busy = [0] * len(slots)
+        self.running: dict[futures.Future, tuple] = {}
+
+    def __enter__(self) -> "LocalPools":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for pool in self.pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def adopt(self, cells: list, out: Path) -> list:
+        return []
+
+    def start(self, cells: list, out: Path) -> None:
+        from sweep.execute import execute, task_of
+
+        for cell in cells:
+            index = max(range(len(self.slots)), key=lambda i: self.slots[i].workers - self.busy[i])
+            self.busy[index] += 1
+            self.running[self.pools[index].submit(execute, task_of(cell, out))] = (cell, index)
+
+    def wait(self) -> list[tuple]:
+        done, _ = futures.wait(self.running, return_when=futures.FIRST_COMPLETED)
+        reports = []
+        for future in done:
+            cell, index = self.running.pop(future)
+            self.busy[index] -= 1
+            reports.append((cell, future.result()))
+        return reports
+
+
+class SubmititJobs:
+    """One submitit job per cell; the cells ready together are submitted as one job array. `<out>/jobs.json` records
+    each cell's job, so a later invocation collects a job still running (or finished meanwhile) instead of submitting
+    its cell again; a job that died without a result is reported with its log and its cell submitted again next time."""
+
+    def __init__(self, cluster: str, slurm: dict, out: Path, total: int):
+        submitit = _import_submitit()
+        self.submitit = submitit
+        self.cluster = cluster
+        self.folder = str(Path(slurm.get("folder") or out / "submitit").absolute() / "%j")
+        self.executor = submitit.AutoExecutor(folder=self.folder, cluster=cluster)
+        # Jobs import the project's modules, wherever they start.
+        setup = [f"export PYTHONPATH={_shell_quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+        parameters = {"name": "benchmark", "timeout_min": slurm["time"], "gpus_per_node": slurm["gpus_per_job"],
+                      "cpus_per_task": slurm["cpus_per_job"], "tasks_per_node": 1, "nodes": 1}
+        if cluster == "slurm":
+            parameters.update(slurm_array_parallelism=slurm["array_parallelism"], slurm_setup=setup)
+            if slurm.get("partition"):
+                parameters["slurm_partition"] = slurm["partition"]
+            self.capacity = max(total, 1)  # SLURM throttles the array itself
+        else:
+            if cluster == "local":
+                parameters["local_setup"] = setup
+                parameters["gpus_per_node"] = 0 if not _has_cuda() else slurm["gpus_per_job"]
+            self.capacity = slurm["array_parallelism"]
+        self.executor.update_parameters(**parameters)
+        self.jobs_path = out / JOBS_FILE
+        self.records: dict[str, dict] = _read_jobs(self.jobs_path)
+        self.running: dict[str, tuple] = {}  # cell key -> (cell, job)
+
+    # -- submit --------------------------------------------------------------------------------------------------------
+    def start(self, cells: list, out: Path) -> None:
+        from sweep.execute import execute, task_of
+
+        with self.executor.batch():
+            submitted = [(cell, self.executor.submit(execute, task_of(cell, out))) for cell in cells]
+        for cell, job in submitted:
+            self.running[cell.key] = (cell, job)
+            self.records[cell.key] = {"job_id": job.job_id, "cluster": self.cluster, "folder": self.folder,
+                                      "kind": cell.kind, "label": cell.label, "seed": cell.seed,
+                                      "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
+                                      "state": "submitted", "submitted_at": time.time()}
+        self._save()
+
+    def adopt(self, cells: list, out: Path) -> list:
+        """Cells whose recorded job is still running, or finished with a result not yet collected."""
+        adopted = []
+        for cell in cells:
+            record = self.records.get(cell.key)
+            if not record or record.get("state") != "submitted" or record.get("cluster") != self.cluster:
+                continue
+            job = self._recover(record)
+            if job is not None:
+                self.running[cell.key] = (cell, job)
+                adopted.append(cell)
+        return adopted
+
+    def _recover(self, record: dict):
+        if self.cluster == "local":
+            from submitit.local.local import LocalJob
+
+            job = LocalJob(record["folder"], record["job_id"])
+            return job if _local_alive(record["job_id"]) or job.paths.result_pickle.exists() else None
+        if self.cluster == "slurm":
+            job = self.submitit.SlurmJob(record["folder"], record["job_id"])
+            if job.paths.result_pickle.exists() or job.state.upper().split()[0] not in SLURM_DEAD_STATES:
+                return job
+        return None  # a debug job lived in the process that submitted it
+
+    # -- collect -------------------------------------------------------------------------------------------------------
+    def wait(self) -> list[tuple]:
+        while True:
+            done = [key for key, (_, job) in self.running.items() if self._done(job)]
+            if done:
+                reports = [self._collect(*self.running.pop(key)) for key in done]
+                self._save()
+                return reports
+            time.sleep(POLL_SECONDS)
+
+    def _done(self, job) -> bool:
+        if self.cluster == "local" and getattr(job, "_process", None) is None:  # adopted: its controller is not ours
+            return not _local_alive(job.job_id)
+        return job.done()
+
+    def _collect(self, cell, job) -> tuple:
+        record = self.records.setdefault(cell.key, {})
+        try:
+            report = job.result()
+            record["state"] = "finished"
+        except Exception as exc:  # the job died: killed, out of memory, out of time (a cell's own errors come back)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            record["state"] = "failed"
+            report = {"key": cell.key, "status": "error", "seconds": 0.0, "cpu_seconds": 0.0, "result": None,
+                      "error": f"job {job.job_id} failed ({first}); job log: {job.paths.stderr}"}
+        return cell, report
+
+    def _save(self) -> None:
+        atomic_write_json(self.jobs_path, self.records)
+
+
+def _shell_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _read_jobs(path: Path) -> dict[str, dict]:
+    from sweep.grid import read_cell_json
+
+    return read_cell_json(path) or {}
+
+
+def _local_alive(job_id: str) -> bool:
+    """A local job's controller (its id is the controller's pid) still runs: checked by pid and command line, so a
+    recycled pid does not pass."""
+    try:
+        command = Path(f"/proc/{int(job_id)}/cmdline").read_bytes()
+        status = Path(f"/proc/{int(job_id)}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return False
+    return b"submitit" in command and status != "Z"
+
+
+def run_cells(pending: list, settings, finished: set[str], dead: set[str], handle: Callable, skip: Callable) -> None:
+    """Run the sweep's pending cells on the executor its settings name."""
+    out = settings.out
+    if settings.executor == "submitit":
+        schedule(pending, out, finished, dead, handle, skip,
+                 SubmititJobs(settings.cluster, settings.slurm, out, len(pending)))
+        return
+    slots = plan_slots(settings.devices, settings.device, settings.jobs, settings.jobs_per_device)
+    if len(slots) == 1 and slots[0].workers == 1 and slots[0].visible_gpus is None:
+        schedule(pending, out, finished, dead, handle, skip, InProcess())
+        return
+    with LocalPools(slots) as pools:
+        schedule(pending, out, finished, dead, handle, skip, pools)

@@ -1,0 +1,158 @@
+"""The forgetting-quality stage (`--forget_quality N`, pipeline/forget_quality.py) end to end on digits with the tiny
+recipe and N = 4: raw scores 0, the Retrain sanity row scores above the other methods, the retrained models are
+trained once and then read from the cache, the result JSON, the .npz and the .png are written; bad input exits 2."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline.forget_quality as fq_stage
+from arg_parser import parse_config
+from conftest import TINY, run_script
+from evaluation.reference_models import derived_seed
+from pipeline import paths
+from pipeline.stages import prepare, train_reference, unlearn
+
+N = 4
+FLAGS = TINY + ["--class_to_replace", "-1", "--num_indexes_to_replace", "60", "--seed", "1"]
+RESULT_KEYS = {"num_models", "forget_score", "final_score", "retain_acc_ratio", "test_acc_ratio",
+               "epsilon_quantiles", "scores_file"}
+
+
+def forget_run(save_dir: Path, method: str, *extra: str):
+    return run_script("main_forget.py", *FLAGS, "--save_dir", str(save_dir), "--unlearn", method,
+                      "--forget_quality", str(N), *extra)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """The tiny original model, then raw, retrain and FT with --forget_quality 4 through main_forget.py."""
+    save_dir = tmp_path_factory.mktemp("fq")
+    p = prepare(parse_config(FLAGS + ["--save_dir", str(save_dir)], "main_baseline.py"), need_forget=False)
+    train_reference(p, retrain=False)
+    runs = {}
+    for method in ("raw", "retrain", "FT"):
+        proc = forget_run(save_dir, method)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        result = json.loads((save_dir / f"{method}eval_result.json").read_text())
+        runs[method] = (proc, result)
+    return save_dir, runs
+
+
+def test_result_keys_and_files(workspace):
+    save_dir, runs = workspace
+    for method, (_, result) in runs.items():
+        quality = result["forget_quality"]
+        assert RESULT_KEYS <= set(quality), sorted(quality)
+        assert quality["num_models"] == N and 0.0 <= quality["forget_score"] <= 1.0
+        assert quality["final_score"] == pytest.approx(
+            quality["forget_score"] * quality["retain_acc_ratio"] * quality["test_acc_ratio"])
+        scores = Path(quality["scores_file"])
+        assert scores == save_dir / f"{method}forget_quality.npz"
+        with np.load(scores) as arrays:
+            assert arrays["unlearned_phi"].shape == arrays["retrained_phi"].shape == (N, 60)
+            assert arrays["epsilons"].shape == (60,) and arrays["forget_indices"].shape == (60,)
+            assert arrays["points"].mean() == pytest.approx(quality["forget_score"])
+        png = Path(quality["plot_file"])
+        assert png == save_dir / f"{method}forget_quality.png" and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_raw_scores_zero_and_is_announced_before_any_work(workspace):
+    _, runs = workspace
+    proc, result = runs["raw"]
+    quality = result["forget_quality"]
+    assert quality["forget_score"] == 0.0 and quality["final_score"] == 0.0
+    assert quality["identical_runs"] is True
+    assert quality["epsilon_quantiles"]["q10"] == 50.0  # every example: a spike against the retrained spread
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("warning: --forget_quality with raw: the method is deterministic")
+    assert sum("deterministic" in line for line in lines) == 1
+
+
+def test_retrain_sanity_row_scores_above_every_other_method(workspace):
+    _, runs = workspace
+    scores = {method: result["forget_quality"]["forget_score"] for method, (_, result) in runs.items()}
+    assert scores["retrain"] > max(scores["raw"], scores["FT"]), scores
+    assert runs["retrain"][1]["forget_quality"]["identical_runs"] is False
+    assert "deterministic" not in runs["retrain"][0].stdout and "deterministic" not in runs["FT"][0].stdout
+
+
+def test_retrained_models_are_trained_once_and_shared(workspace):
+    save_dir, runs = workspace
+    first = runs["raw"][1]["forget_quality"]
+    assert first["retrained_trained_now"] == N
+    directory = Path(first["retrained_models_dir"])
+    assert directory.parent == save_dir / paths.REFERENCE_CACHE
+    for method in ("retrain", "FT"):
+        quality = runs[method][1]["forget_quality"]
+        assert quality["retrained_trained_now"] == 0 and quality["retrained_models_dir"] == str(directory)
+    assert sorted(f.name for f in directory.glob("retrain_*.pth.tar")) == [f"retrain_{k:03d}.pth.tar" for k in range(N)]
+    with np.load(runs["raw"][1]["forget_quality"]["scores_file"]) as raw, \
+            np.load(runs["FT"][1]["forget_quality"]["scores_file"]) as ft:
+        assert np.array_equal(raw["retrained_phi"], ft["retrained_phi"])
+
+
+def test_cached_stage_trains_and_evaluates_no_retrained_model(workspace, monkeypatch):
+    """In process: a fifth retrained model is the only one trained for N = 5; a second call reads every number from
+    the cache (training or evaluating a retrained model would fail here)."""
+    save_dir, _ = workspace
+    config = parse_config(FLAGS + ["--save_dir", str(save_dir), "--unlearn", "raw", "--forget_quality", "5"])
+    p = prepare(config)
+    unl = unlearn(p)
+    first = fq_stage.forget_quality(p, unl, write_files=False, log=lambda message: None)
+    assert first["retrained_trained_now"] == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cache should have answered")
+
+    monkeypatch.setattr(fq_stage, "train_models", refuse)
+    calls = []
+    original_outcome = fq_stage.model_outcome
+    monkeypatch.setattr(fq_stage, "model_outcome", lambda model, splits: calls.append(1) or original_outcome(model, splits))
+    second = fq_stage.forget_quality(p, unl, write_files=False, log=lambda message: None)
+    assert second["retrained_trained_now"] == 0 and len(calls) == 5  # the 5 unlearning runs only
+    assert second["forget_score"] == first["forget_score"] == 0.0
+
+
+def test_worker_processes_give_the_same_numbers(workspace):
+    save_dir, _ = workspace
+    p = prepare(parse_config(FLAGS + ["--save_dir", str(save_dir), "--unlearn", "FT", "--forget_quality", "3"]))
+    unl = unlearn(p)
+    alone = fq_stage.unlearn_repeatedly(p, unl, 3, jobs=1)
+    workers = fq_stage.unlearn_repeatedly(p, unl, 3, jobs=2)
+    assert np.array_equal(alone.outcomes.phi, workers.outcomes.phi) and np.array_equal(alone.seeds, workers.seeds)
+    assert np.array_equal(alone.outcomes.retain_acc, workers.outcomes.retain_acc)
+    assert not alone.identical  # FT's runs differ by their data order
+
+
+def test_seeds_of_runs_and_retrained_models_never_meet():
+    retrained = {s for k in range(64) for s in fq_stage.retrained_seeds(k)}
+    runs = {s for k in range(64) for s in fq_stage.unlearning_seeds(0, k)}
+    assert len(retrained) == 128 and len(runs) == 192 and not retrained & runs
+    assert fq_stage.unlearning_seeds(1, 0) != fq_stage.unlearning_seeds(2, 0)
+    assert fq_stage.retrained_seeds(3) == (derived_seed(0, fq_stage.SEED_STREAM, 3, 0),
+                                           derived_seed(0, fq_stage.SEED_STREAM, 3, 1))
+
+
+def test_deterministic_methods_are_named_before_any_work(tmp_path):
+    def note(method):
+        return fq_stage.constant_method_note(parse_config(
+            FLAGS + ["--save_dir", str(tmp_path), "--unlearn", method, "--forget_quality", "4"]))
+
+    assert "SSD" in note("SSD") and "wfisher" in note("IU") and "raw" in note("raw")
+    assert note("FT") is None and note("retrain") is None and note("SalUn") is None
+    off = parse_config(FLAGS + ["--save_dir", str(tmp_path), "--unlearn", "SSD"])
+    assert fq_stage.constant_method_note(off) is None
+
+
+@pytest.mark.parametrize("value, fragment", [("1", "N >= 3"), ("2", "N >= 3"), ("-1", "out of range")])
+def test_bad_forget_quality_exits_2_before_any_work(tmp_path, value, fragment):
+    save_dir = tmp_path / "out"
+    proc = run_script("main_forget.py", *FLAGS, "--save_dir", str(save_dir), "--unlearn", "FT",
+                      "--forget_quality", value)
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not save_dir.exists()
