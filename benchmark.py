@@ -29,7 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-from arg_parser import OneLineErrorParser
+from arg_parser import POSITIVE_INT as _positive, OneLineErrorParser, number
 from dataset import list_datasets
 from models import list_models
 from scenarios import SCENARIOS
@@ -39,19 +39,11 @@ from sweep.executors import add_execution_flags, execution_settings
 from sweep.tune import add_tune_flags, check_tune_args, plan_from_args, run_tune
 from utils import cli_main
 
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in the open interval (0, 1), got {text}")
-    return value
+_fraction = number(float, 0, 1, low_open=True, high_open=True)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+
+
 
 
 def _default_jobs() -> int:

@@ -80,9 +80,10 @@ def model_curve_plots(p: Prepared, trained: Mapping[str, bool]) -> list[Path]:
 
 
 def tracking_record(tracker, handle) -> dict | None:
-    """Where the run lives, for the local result JSON (known from the start of the run)."""
+    """Where the run lives, for the local result JSON (known from the start of the run); None once tracking broke,
+    so a result never points at a run that misses part of it."""
     run_id = getattr(handle, "run_id", None)
-    if run_id is None:
+    if run_id is None or getattr(tracker, "broken", None):
         return None
     return {"tracking_uri": tracker.uri, "experiment_id": handle.experiment_id, "run_id": run_id}
 

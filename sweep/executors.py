@@ -11,6 +11,8 @@ invoked again, collects the results of jobs still running or finished meanwhile 
 """
 from __future__ import annotations
 
+from arg_parser import POSITIVE_INT as _positive, number
+
 import concurrent.futures as futures
 import importlib
 import os
@@ -37,22 +39,6 @@ SLURM_DEAD_STATES = {"BOOT_FAIL", "CANCELLED", "DEADLINE", "FAILED", "NODE_FAIL"
                      "REVOKED", "TIMEOUT"}
 
 
-def _positive(text: str) -> int:
-    import argparse
-
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    import argparse
-
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
-    return value
 
 
 def add_execution_flags(parser) -> None:
@@ -420,3 +406,5 @@ def run_cells(pending: list, settings, finished: set[str], dead: set[str], handl
         return
     with LocalPools(slots) as pools:
         schedule(pending, out, finished, dead, handle, skip, pools)
+
+_non_negative = number(int, 0)

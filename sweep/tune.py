@@ -29,6 +29,8 @@ tuning and evaluation cell as a nested child run.
 """
 from __future__ import annotations
 
+from arg_parser import POSITIVE_INT as _positive, number
+
 import argparse
 import dataclasses
 import datetime
@@ -69,18 +71,8 @@ SIGNIFICANT_DIGITS = 3  # trial values are rounded, so tuned.json and the table 
 # Flags and checks
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
-def _class(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a class index >= 0, got {text}")
-    return value
 
 
 def add_tune_flags(parser: argparse.ArgumentParser) -> None:
@@ -578,3 +570,5 @@ def run_tune(settings: Settings, plan: TunePlan, tracker, experiment_id, progres
             "computed": sum(o.computed for o in outcomes), "reused": sum(o.reused for o in outcomes),
             "failed": [m for o in outcomes for m in o.failed], "errors": [m for o in outcomes for m in o.errors],
             "method_rows": eval_outcome.method_rows_with_results}
+
+_class = number(int, 0)  # a class index
