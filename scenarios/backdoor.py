@@ -229,7 +229,8 @@ def train_poisoned_model(bd: BackdoorRun) -> dict:
     name = bd.model_path.name
     last = bd.model_path.with_name((name[:-len(".pth.tar")] if name.endswith(".pth.tar") else name) + "_last.pth.tar")
     result = train_model(model, p.splits, c.model.recipe, seed=c.data.seed, part="train", last_checkpoint=last,
-                         resume=c.output.resume, metadata=meta, progress=p.progress, desc="backdoor")
+                         resume=c.output.resume, metadata=meta, progress=p.progress, desc="backdoor",
+                         amp=c.model.amp)
     model.load_state_dict(result.best_state)
     metrics = backdoor_metrics(model, bd.clean.splits, poison, bd.count_target_class)
     atomic_torch_save(bd.model_path, {**meta, "state_dict": result.best_state, "epoch": result.best_epoch,
