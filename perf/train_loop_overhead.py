@@ -19,18 +19,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset import ImageData, SplitData, load_dataset, make_split  # noqa: E402
+from dataset import SplitData, load_dataset, make_split  # noqa: E402
 from models import create_model  # noqa: E402
 from training import TrainRecipe, make_optimizer, train_one_epoch  # noqa: E402
 from utils import make_generator, resolve_device, synchronize  # noqa: E402
-
-
-def synthetic_cifar(n: int) -> ImageData:
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    return ImageData("synthetic_cifar", images, labels, images[:1000], labels[:1000], 10,
-                     (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), augment="crop_flip")
+from perf.gpu_path import synthetic_cifar  # noqa: E402  (one CIFAR-shaped synthetic set for every perf script)
 
 
 def main() -> None:
