@@ -21,7 +21,7 @@ from training import parse_milestones
 from unlearn import resolve_hyperparameters, resolve_method
 from unlearn.masks import MASK_MODES
 from unlearn.registry import declared_flags
-from utils import UserError, resolve_device
+from utils import UserError, check_output_path, resolve_device
 
 FORGET_SCRIPTS = ("mlflow_forget.py", "main_backdoor.py")  # scripts with the output and tracking flags
 SCRIPTS = ("main_baseline.py", "main_forget.py", *FORGET_SCRIPTS)
@@ -207,28 +207,10 @@ def build_parser(script: str = "main_forget.py", description: str = "") -> OneLi
 # Namespace -> RunConfig, with every check that needs several flags together
 # ---------------------------------------------------------------------------------------------------------------------
 
-def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
-    """The directory exists and is writable, or could be created: the first existing ancestor is a writable
-    directory. Nothing is created here (validation writes nothing)."""
-    target = Path(path).expanduser()
-    probe = target
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"{flag} '{path}': '{probe}' is a file, not a directory; allowed: a directory path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} '{path}': '{probe}' is not writable; allowed: a writable directory")
-    return target
-
-
-def check_writable_file(path: str | os.PathLike, flag: str) -> Path:
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise UserError(f"{flag} '{path}' is a directory; allowed: a file path")
-    check_writable_dir(target.parent, flag)
-    return target
+def _checked(path: str, flag: str, directory: bool) -> Path:
+    """The path, once utils.check_output_path found it writable (nothing is created before the work starts)."""
+    check_output_path(path, flag, directory)
+    return Path(path).expanduser()
 
 
 def _method_flags() -> list[str]:
@@ -287,10 +269,10 @@ def build_config(ns: argparse.Namespace, script: str) -> RunConfig:
                       split_mode=values["split"], class_to_replace=values["class_to_replace"],
                       num_indexes_to_replace=values["num_indexes_to_replace"], seed=values["seed"])
     forget_script = script in FORGET_SCRIPTS
-    save_dir = check_writable_dir(values["save_dir"], "--save_dir")
+    save_dir = _checked(values["save_dir"], "--save_dir", directory=True)
     result_json = values.get("result_json")
     if result_json is not None:
-        result_json = check_writable_file(result_json, "--result_json")
+        result_json = _checked(result_json, "--result_json", directory=False)
     if script == "main_forget.py":
         target = Path(values["mask"]) if values["mask"] else None
         if target is not None and not target.is_file():

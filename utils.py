@@ -338,3 +338,25 @@ def cli_main(main) -> None:
         print("interrupted; completed files are intact (writes are atomic)", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def check_output_path(path: str | os.PathLike, what: str, directory: bool) -> None:
+    """Raise UserError unless `path` is, or can be created as, a writable directory (`directory=True`) or file.
+
+    Checks only, creating nothing: it runs before any work, so that a path through a regular file (`--out
+    results.md/x`) or an unwritable folder is one line of error instead of a traceback after minutes of training."""
+    path = Path(path)
+    kind = "directory" if directory else "file"
+    if directory and path.exists() and not path.is_dir():
+        raise UserError(f"{what} '{path}' is a file; pass a directory path")
+    if not directory and path.is_dir():
+        raise UserError(f"{what} '{path}' is a directory; pass a file path")
+    if directory and path.is_dir():
+        existing = path
+    else:
+        existing = next(parent for parent in path.absolute().parents if parent.exists())
+        if not existing.is_dir():
+            raise UserError(f"{what} '{path}': '{existing}' is a file, so the {kind} cannot be created there; pass "
+                            f"a path below a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} '{path}': directory '{existing}' is not writable; pass a writable path")

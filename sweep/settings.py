@@ -12,7 +12,7 @@ from typing import Any
 from scenarios import SCENARIOS
 from scenarios.classwise import CLASSWISE_CLASS
 from unlearn import list_methods
-from utils import UserError
+from utils import UserError, check_output_path  # noqa: F401  (re-exported for the sweep)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PROVENANCE_KEY = "provenance"
@@ -109,25 +109,3 @@ def default_config_path(dataset: str) -> Path:
     configs/benchmark_<dataset>.json (whether or not it exists)."""
     tuned = CONFIG_DIR / f"tuned_{dataset}.json"
     return tuned if tuned.is_file() else CONFIG_DIR / f"benchmark_{dataset}.json"
-
-
-def check_output_path(path: str | os.PathLike, what: str, directory: bool) -> None:
-    """Raise UserError unless `path` is, or can be created as, a writable directory (`directory=True`) or file.
-
-    Checks only, creating nothing: it runs before any work, so that a path through a regular file (`--out
-    results.md/x`) or an unwritable folder is one line of error instead of a traceback after minutes of training."""
-    path = Path(path)
-    kind = "directory" if directory else "file"
-    if directory and path.exists() and not path.is_dir():
-        raise UserError(f"{what} '{path}' is a file; pass a directory path")
-    if not directory and path.is_dir():
-        raise UserError(f"{what} '{path}' is a directory; pass a file path")
-    if directory and path.is_dir():
-        existing = path
-    else:
-        existing = next(parent for parent in path.absolute().parents if parent.exists())
-        if not existing.is_dir():
-            raise UserError(f"{what} '{path}': '{existing}' is a file, so the {kind} cannot be created there; pass "
-                            f"a path below a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{what} '{path}': directory '{existing}' is not writable; pass a writable path")
