@@ -405,8 +405,7 @@ def save_unlearned_model(p: Prepared, unl_method_label: str, model: torch.nn.Mod
 
 def save_diverged(p: Prepared, exc: Diverged, path: Path) -> Diverged:
     """Keep the last finite weights of a diverged run on disk, and say where in the error."""
-    method = resolve_method(p.config.method.name, p.config.method.grad_mask)
-    save_unlearned_model(p, method.label, exc.model, path, diverged_at_epoch=exc.epoch)
+    save_unlearned_model(p, p.config.method.label, exc.model, path, diverged_at_epoch=exc.epoch)
     exc.args = (f"{exc.args[0]}; last finite weights saved to {path}",)
     return exc
 
