@@ -71,6 +71,20 @@ def number(kind: type, low: float | None = None, high: float | None = None, low_
 POSITIVE_INT = number(int, 1)
 POSITIVE = number(float, 0, low_open=True)
 NON_NEGATIVE = number(float, 0)
+_NON_NEGATIVE_INT = number(int, 0)
+
+
+def forget_quality_models(text: str) -> int:
+    """--forget_quality N (run scripts and benchmark): 0 (off) or N >= 3, since below 3 models ceil(ln(N - 1)) leaves
+    the competition's score no bucket."""
+    value = _NON_NEGATIVE_INT(text)
+    if value in (1, 2):
+        raise argparse.ArgumentTypeError(f"{value}: the score needs N >= 3 models (below that ceil(ln(N - 1)) leaves "
+                                         f"no bucket); allowed: 0 (off) or N >= 3")
+    return value
+
+
+forget_quality_models.__name__ = "int"
 
 
 def _milestones(text: str) -> str:
@@ -176,7 +190,7 @@ def build_parser(script: str = "main_forget.py", description: str = "") -> OneLi
                    help="membership inference attacks to run in addition to upstream's SVC (default svc)")
     g.add_argument("--num_ref_models", type=POSITIVE_INT, default=8, help="reference models of the per-example attacks")
     g.add_argument("--jobs", type=POSITIVE_INT, default=1, help="parallel worker processes (default 1)")
-    g.add_argument("--forget_quality", type=number(int, 0), default=0, metavar="N",
+    g.add_argument("--forget_quality", type=forget_quality_models, default=0, metavar="N",
                    help="forgetting quality as the NeurIPS 2023 unlearning competition scores it: N unlearning runs "
                         "against N retrained models (N >= 3; 0 = off, the default)")
 
@@ -286,9 +300,6 @@ def build_config(ns: argparse.Namespace, script: str) -> RunConfig:
         track = bool(os.environ.get("MLFLOW_TRACKING_URI")) if forget_script else False
     tracking = TrackingConfig(enabled=bool(track), experiment=values.get("experiment"),
                               run_name=values.get("run_name"), parent_run_id=values.get("parent_run_id"))
-    if values["forget_quality"] in (1, 2):
-        raise UserError(f"--forget_quality {values['forget_quality']}: the score needs N >= 3 models (below that "
-                        f"ceil(ln(N - 1)) leaves no bucket); allowed: 0 (off) or N >= 3")
     evaluation = EvalConfig(mia=values["mia"], num_ref_models=values["num_ref_models"], jobs=values["jobs"],
                             epoch_eval=forget_script and not values.get("no_epoch_eval", False),
                             forget_quality=values["forget_quality"])

@@ -29,7 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-from arg_parser import POSITIVE_INT as _positive, OneLineErrorParser, number
+from arg_parser import POSITIVE_INT as _positive, OneLineErrorParser, forget_quality_models, number
 from dataset import list_datasets
 from models import list_models
 from scenarios import SCENARIOS
@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epoch-eval", dest="epoch_eval", default="all", choices=["all", "masked", "none"],
                    help="evaluate after every unlearning epoch (outside the RTE timer) for all methods (default), the "
                         "masking family only, or none (fastest)")
+    g.add_argument("--forget_quality", type=forget_quality_models, default=0, metavar="N",
+                   help="add the NeurIPS 2023 competition's forgetting quality (columns F and Final): every method "
+                        "cell runs N times against N models retrained per forget set (trained once, by the Retrain "
+                        "row's cell); N >= 3, 0 = off (default)")
     g = p.add_argument_group("execution")
     g.add_argument("--jobs", type=_positive, default=None,
                    help="parallel worker processes, one thread each (default: CPU cores up to 8; 1 with CUDA)")
@@ -113,7 +117,8 @@ def main(argv=None) -> int:
         seeds=args.seeds or [1, 2, 3],
         out=Path(args.out), data=args.data, device=args.device, epochs=args.epochs, unlearn_epochs=args.unlearn_epochs,
         width=args.width, forget_fraction=args.forget_fraction, forget_class=args.forget_class,
-        epoch_eval=args.epoch_eval, grid=grid, config=Path(args.config) if args.config else None,
+        epoch_eval=args.epoch_eval, forget_quality=args.forget_quality, grid=grid,
+        config=Path(args.config) if args.config else None,
         jobs=args.jobs or _default_jobs(), rerun=args.rerun, **execution, no_download=args.no_download)
     experiment = args.experiment or f"benchmark-{'+'.join(args.datasets)}"
     tracker = experiment_id = None

@@ -257,7 +257,7 @@ def unlearn_shadow(refs: ReferenceModels, k: int, shadow_forget: np.ndarray, poo
         ctx = UnlearnContext(model=refs.load(k, device), data=shadow, generator=make_generator(seed), hp=hp,
                              model_factory=lambda: config.model.build(init_seed), train_recipe=config.recipe,
                              retrain_seed=shuffle_seed, artifacts_dir=Path(scratch), progress=False,
-                             log=lambda message: None, paper_era=request.paper_era)
+                             log=lambda message: None, paper_era=request.paper_era, amp=config.amp)
         instance = request.method.cls(ctx)
         instance.name = request.method.name
         try:

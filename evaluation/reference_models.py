@@ -92,6 +92,7 @@ class ReferenceConfig:
     augment: bool = True
     design_seed: int = DEFAULT_DESIGN_SEED
     device: str = "cpu"
+    amp: str = "off"  # --amp of the run: the precision the models train in (utils.forward_precision)
 
     def key_fields(self, pool_hash: str) -> dict[str, Any]:
         """The values the cache key hashes (device excluded: a CPU and a GPU build are interchangeable)."""
@@ -99,7 +100,12 @@ class ReferenceConfig:
         return {"version": CACHE_VERSION, "dataset": self.dataset, "arch": spec.arch, "num_classes": spec.num_classes,
                 "in_channels": spec.in_channels, "width": spec.width, "recipe": dataclasses.asdict(self.recipe),
                 "augment": bool(self.augment), "num_models": self.num_models, "design_seed": self.design_seed,
-                "pool_hash": pool_hash}
+                "pool_hash": pool_hash, **self.precision_fields()}
+
+    def precision_fields(self) -> dict[str, str]:
+        """What a cache key adds for the training precision: nothing for float32 (keys made before --amp existed stay
+        valid), {"amp": ...} otherwise, so bf16-trained models never stand in for float32 ones or the reverse."""
+        return {} if self.amp == "off" else {"amp": self.amp}
 
 
 def derived_seed(*parts: int) -> int:
@@ -189,7 +195,7 @@ def _train_and_save(task: TrainTask, pool: ImageData, config: ReferenceConfig, b
     splits = SplitData(pool, training_split(config.dataset, task.members), batch_size=batch_size,
                        augment=config.augment)
     result = train_model(model, splits, config.recipe, seed=task.shuffle_seed, part="train", progress=False,
-                         desc=Path(task.path).stem)
+                         desc=Path(task.path).stem, amp=config.amp)
     atomic_torch_save(task.path, {**task.metadata, "state_dict": result.model.state_dict(),
                                   "train_seconds": result.seconds, "train_acc": result.history["train_acc"][-1],
                                   "torch_version": str(torch.__version__)})

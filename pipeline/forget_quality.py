@@ -147,7 +147,8 @@ def retrained_directory(cache_root: str | Path, config: ReferenceConfig, split: 
     fields = {"version": CACHE_VERSION, "kind": "forget_quality_retrained", "dataset": config.dataset,
               "arch": spec.arch, "num_classes": spec.num_classes, "in_channels": spec.in_channels,
               "width": spec.width, "recipe": dataclasses.asdict(config.recipe), "augment": bool(config.augment),
-              "design_seed": config.design_seed, "retain_hash": sha256_of_array(np.asarray(split.retain, np.int64))}
+              "design_seed": config.design_seed, "retain_hash": sha256_of_array(np.asarray(split.retain, np.int64)),
+              **config.precision_fields()}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     width = "default" if spec.width is None else spec.width
     return Path(cache_root) / f"fq_{config.dataset}_{spec.arch}_w{width}_{digest}", {**fields, "key": digest}
@@ -208,6 +209,15 @@ def ensure_retrained(config: ReferenceConfig, data: ImageData, splits: SplitData
                            seconds=time.perf_counter() - start)
 
 
+def retrained_models_of_run(p: Prepared, width: int | None, log: Callable[[str], None] = print) -> RetrainedModels:
+    """The run's `--forget_quality` retrained models (its retain set, its recipe, `width`), trained with `--jobs`
+    where missing. The benchmark's Retrain-row cell calls this before the method cells of its forget set run."""
+    num_models = p.config.eval.forget_quality
+    config = dataclasses.replace(reference_config(p, width), num_models=num_models)
+    return ensure_retrained(config, p.data, p.splits, p.save_dir / paths.REFERENCE_CACHE, num_models,
+                            jobs=p.config.eval.jobs, log=log)
+
+
 def _retrained_outcomes(directory: Path, config: ReferenceConfig, splits: SplitData, num_models: int,
                         retrained_now: set[int]) -> Outcomes:
     """Outcomes of retrained models 0..num_models-1 on this split's forget and test sets; rows already in the signals
@@ -261,6 +271,7 @@ class RunSetting:
     recipe: Any              # training.TrainRecipe (Retrain's recipe)
     paper_era: bool
     state: dict              # the original model's weights, on CPU
+    amp: str = "off"         # --amp: the precision of the method's forward passes
 
 
 def unlearn_once(setting: RunSetting, splits: SplitData, seeds: tuple[int, int, int]
@@ -282,7 +293,7 @@ def unlearn_once(setting: RunSetting, splits: SplitData, seeds: tuple[int, int, 
             model=model, data=splits, generator=make_generator(run_seed), hp=dict(setting.hp),
             model_factory=lambda: setting.spec.build(init_seed), train_recipe=setting.recipe,
             retrain_seed=shuffle_seed, artifacts_dir=Path(scratch), progress=False, log=lambda message: None,
-            paper_era=setting.paper_era)
+            paper_era=setting.paper_era, amp=setting.amp)
         instance = method.cls(ctx)
         instance.name = method.name
         try:
@@ -318,7 +329,7 @@ def unlearn_repeatedly(p: Prepared, unl: Unlearned, num_runs: int, jobs: int = 1
     spec = reference_config(p, unl.width).model
     setting = RunSetting(method_name=c.method.name, grad_mask=c.method.grad_mask, hp=dict(unl.hp), spec=spec,
                          recipe=c.model.recipe, paper_era=c.method.paper_era,
-                         state={k: v.detach().cpu() for k, v in original.state_dict().items()})
+                         state={k: v.detach().cpu() for k, v in original.state_dict().items()}, amp=c.model.amp)
     seeds = np.array([unlearning_seeds(c.method.unlearn_seed, i) for i in range(num_runs)], dtype=np.int64)
     jobs_list = [(i, tuple(int(v) for v in seeds[i])) for i in range(num_runs)]
     done: dict[int, tuple[np.ndarray, float, float, bool]] = {}
@@ -395,9 +406,7 @@ def forget_quality(p: Prepared, unl: Unlearned, write_files: bool = True,
         raise UserError(f"--forget_quality {num_models}: the score needs N >= 3 models; allowed: 0 (off) or N >= 3")
     if len(p.split.forget) == 0:
         raise UserError("--forget_quality needs a non-empty forget set")
-    ref_config = dataclasses.replace(reference_config(p, unl.width), num_models=num_models)
-    retrained = ensure_retrained(ref_config, p.data, p.splits, p.save_dir / paths.REFERENCE_CACHE, num_models,
-                                 jobs=c.eval.jobs, log=log)
+    retrained = retrained_models_of_run(p, unl.width, log=log)
     runs = unlearn_repeatedly(p, unl, num_models, jobs=c.eval.jobs, log=log)
     start = time.perf_counter()
     result = score(runs.outcomes, retrained.outcomes, device=p.device)

@@ -20,7 +20,7 @@ def reference_config(p: Prepared, width: int | None) -> ReferenceConfig:
     spec = ModelSpec(arch=c.model.arch, num_classes=p.data.num_classes, in_channels=p.data.in_channels,
                      width=width, mean=tuple(p.data.mean), std=tuple(p.data.std))
     return ReferenceConfig(dataset=c.data.dataset, model=spec, recipe=c.model.recipe, num_models=c.eval.num_ref_models,
-                           augment=p.splits.augment, device=str(p.device))
+                           augment=p.splits.augment, device=str(p.device), amp=c.model.amp)
 
 
 def per_example_mia(p: Prepared, unl: Unlearned, write_files: bool = True) -> dict[str, Any]:

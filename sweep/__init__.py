@@ -16,7 +16,7 @@ from pathlib import Path
 from sweep.settings import Settings, check_output_path, default_config_path, load_settings_file, method_combos
 from sweep.grid import Cell, build_cells, cell_key, compute_split_tags, is_done, read_result, to_argv, train_size
 from sweep.execute import command_line, execute, run_tags
-from sweep.executors import run_cells
+from sweep.executors import execution_params, run_cells
 from sweep.report import aggregate, csv_table, markdown_table, write_plots
 from utils import atomic_write_json, atomic_write_text, git_commit, to_jsonable
 
@@ -168,8 +168,8 @@ class Sweep:
         params = {"datasets": s.datasets, "archs": s.archs, "scenarios": s.scenarios, "methods": " ".join(methods),
                   "method_patterns": s.methods, "seeds": s.seeds, "epochs": epochs, "unlearn_epochs": s.unlearn_epochs,
                   "width": widths, "forget_fraction": s.forget_fraction, "forget_class": s.forget_class,
-                  "epoch_eval": s.epoch_eval, "grid": s.grid or None, "config": s.config, "jobs": s.jobs, "out": s.out,
-                  "cells": len(self.cells)}
+                  "epoch_eval": s.epoch_eval, "forget_quality": s.forget_quality or None, "grid": s.grid or None,
+                  "config": s.config, "out": s.out, "cells": len(self.cells), **execution_params(s)}
         import torch
 
         from utils import device_name, resolve_device

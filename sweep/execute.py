@@ -115,7 +115,15 @@ def _run_cell(task: dict, argv: list[str]) -> None:
     elif task["kind"] == "reference":
         from evaluation import write_result
 
-        write_result(config.output.result_json, retrain_reference_result(run))
+        result = retrain_reference_result(run)
+        if config.eval.forget_quality:
+            from pipeline.forget_quality import retrained_models_of_run
+
+            models = retrained_models_of_run(run, config.model.width)
+            result["forget_quality_retrained"] = {"num_models": config.eval.forget_quality,
+                                                  "directory": str(models.directory),
+                                                  "trained_now": len(models.trained_now), "seconds": models.seconds}
+        write_result(config.output.result_json, result)
     else:
         from tracking import NullTracker  # tracking imports mlflow only when a real tracker is opened
 

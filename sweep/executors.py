@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from utils import UserError, atomic_write_json
+from utils import UserError, atomic_write_json, resolve_device
 
 __all__ = ["CLUSTERS", "EXECUTORS", "JOBS_FILE", "InProcess", "LocalPools", "Slot", "SubmititJobs",
            "add_execution_flags", "execution_settings", "plan_slots", "run_cells", "schedule"]
@@ -391,6 +391,18 @@ def _local_alive(job_id: str) -> bool:
     except (OSError, ValueError, IndexError):
         return False
     return b"submitit" in command and status != "Z"
+
+
+def execution_params(settings) -> dict:
+    """Where the cells ran, for the benchmark's parent run: the executor and, for local workers, one entry per device
+    ("cuda:0 x1", "cpu x2"); for submitit, the cluster and the SLURM knobs that were given."""
+    if settings.executor == "submitit":
+        knobs = {f"slurm_{k}": v for k, v in settings.slurm.items() if v is not None}
+        return {"executor": "submitit", "cluster": settings.cluster, **knobs}
+    slots = plan_slots(settings.devices, settings.device, settings.jobs, settings.jobs_per_device)
+    named = [(str(resolve_device(slot.device)) if slot.device == "auto" else slot.device, slot.workers) for slot in slots]
+    return {"executor": "local", "workers": " ".join(f"{device} x{workers}" for device, workers in named),
+            "jobs": sum(slot.workers for slot in slots)}
 
 
 def run_cells(pending: list, settings, finished: set[str], dead: set[str], handle: Callable, skip: Callable) -> None:

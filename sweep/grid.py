@@ -168,6 +168,11 @@ def build_cells(settings: Settings) -> tuple[list[Cell], list[str]]:
             ref_args = parse_cell(to_argv({**base, "unlearn": "raw"}))
             setting = ref_args.data.forget_setting
             deps: list[str] = []
+            # --forget_quality N: the Retrain row's cell also trains the N models retrained on this forget set's
+            # retain set (with the sweep's --jobs: every method cell of the set waits for them), then each method
+            # cell scores its N runs against them.
+            quality = {"forget_quality": settings.forget_quality or None,
+                       "jobs": settings.jobs if settings.forget_quality else None}
             if scenario.references:
                 original = add(Cell("original", cell_key("original", ref_args), dataset, arch, scenario_name, seed,
                                     to_argv({**base, "unlearn": "raw"}),
@@ -175,11 +180,12 @@ def build_cells(settings: Settings) -> tuple[list[Cell], list[str]]:
                                                                      ref_args.model))))
                 retrain = add(Cell("retrain", cell_key("retrain", ref_args), dataset, arch, scenario_name, seed,
                                    to_argv({**base, "unlearn": "retrain"}), setting=setting))
-                reference = add(Cell("reference", cell_key("reference", ref_args), dataset, arch, scenario_name, seed,
-                                     to_argv({**base, "unlearn": "retrain"}), names=["Retrain"], deps=[retrain.key],
+                reference_argv = to_argv({**base, "unlearn": "retrain", **quality})
+                reference = add(Cell("reference", cell_key("reference", parse_cell(reference_argv)), dataset, arch,
+                                     scenario_name, seed, reference_argv, names=["Retrain"], deps=[retrain.key],
                                      config="the Retrain reference model", label="Retrain", setting=setting))
                 reference.target = str(reference.result_path(out))
-                deps = [original.key, retrain.key]
+                deps = [original.key, retrain.key] + ([reference.key] if settings.forget_quality else [])
             for name in names:
                 method = resolve_method(name)
                 family = method.cls.supports_grad_mask  # the masking family: bases that take gradient masks
@@ -188,7 +194,8 @@ def build_cells(settings: Settings) -> tuple[list[Cell], list[str]]:
                     overrides = dict(combo)
                     if settings.unlearn_epochs is not None:
                         overrides["unlearn_epochs"] = settings.unlearn_epochs
-                    flags = {**base, "unlearn": name, **overrides, "no_epoch_eval": not epoch_eval}
+                    flags = {**base, "unlearn": name, **overrides, "no_epoch_eval": not epoch_eval,
+                             "forget_quality": settings.forget_quality or None}
                     args = parse_cell(to_argv(flags))
                     hp = dict(args.method.hp)
                     config = {"class": method.cls.name, "grad_mask": method.grad_mask, "hp": hp}

@@ -12,7 +12,15 @@ import numpy as np
 from scenarios import SCENARIOS, TABLE_METRICS, extra_metric_keys, table_metrics
 from sweep.grid import Cell, method_flags, read_result
 
-__all__ = ["aggregate", "csv_fields", "csv_table", "markdown_table", "write_plots"]
+__all__ = ["QUALITY_METRICS", "aggregate", "csv_fields", "csv_table", "markdown_table", "write_plots"]
+
+# Columns of `--forget_quality N`, read from each result's "forget_quality" entry: ((key, title), ...).
+QUALITY_METRICS: tuple[tuple[str, str], ...] = (("forget_score", "F"), ("final_score", "Final"))
+QUALITY_NOTE = ("F = forgetting quality as the NeurIPS 2023 unlearning competition scores it ({n} unlearning runs "
+                "against {n} models retrained without the forget set, per forget example; 1 is best, 0 is "
+                "distinguishable everywhere); Final = F x (retain accuracy ratio) x (test accuracy ratio). The Retrain "
+                "row's cell trains the retrained models and has no F itself: `main_forget.py --unlearn retrain "
+                "--forget_quality {n}` gives that sanity value.")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -43,6 +51,11 @@ def aggregate(cells: list[Cell], out: Path) -> list[dict]:
                "curves": [r["curves"] for r in results if r.get("curves")]}
         for key in dict(TABLE_METRICS + table_metrics(scenario)):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r[key] for r in results if key in r])
+        for key, _ in QUALITY_METRICS:
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r["forget_quality"][key] for r in results
+                                                               if key in (r.get("forget_quality") or {})])
+        row["forget_quality_models"] = max((int(r["forget_quality"].get("num_models", 0)) for r in results
+                                            if r.get("forget_quality")), default=0)
         gaps = [abs(r["rUA"]) for r in results if "rUA" in r]
         row["forget_gap_mean"], row["forget_gap_std"] = _mean_std(gaps)
         rows.append(row)
@@ -61,7 +74,8 @@ def _settings_text(cell: Cell) -> str:
 
 def _cell_text(row: dict, key: str) -> str:
     mean, std = row[f"{key}_mean"], row[f"{key}_std"]
-    return "n/a" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
+    digits = 3 if key in dict(QUALITY_METRICS) else 2  # scores in [0, 1]
+    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown_table(rows: list[dict], notes: list[str], seeds: list[int]) -> str:
@@ -69,19 +83,24 @@ def markdown_table(rows: list[dict], notes: list[str], seeds: list[int]) -> str:
     sections: dict[tuple, list[dict]] = {}
     for row in rows:
         sections.setdefault((row["dataset"], row["arch"], row["scenario"]), []).append(row)
+    quality_models = max((row.get("forget_quality_models", 0) for row in rows), default=0)
     for (dataset, arch, scenario), members in sections.items():
         lines += [f"### {dataset}, {arch}, {scenario} forgetting ({members[0]['setting']})", ""]
-        header = ["Method"] + [title for _, title in table_metrics(scenario)] + ["seeds", "settings"]
+        columns = table_metrics(scenario)
+        if any(row.get("forget_quality_models") for row in members):
+            columns += QUALITY_METRICS
+        header = ["Method"] + [title for _, title in columns] + ["seeds", "settings"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in members:
             seeds_text = str(len(row["seeds"])) + (f" (failed: {row['failed_seeds']})" if row["failed_seeds"] else "")
-            cells = [row["method"]] + [_cell_text(row, key) for key, _ in table_metrics(scenario)] + [seeds_text,
-                                                                                                       row["settings"]]
+            cells = [row["method"]] + [_cell_text(row, key) for key, _ in columns] + [seeds_text, row["settings"]]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(f"Mean ± sample std over seeds {', '.join(map(str, seeds))}. UA = 100 - forget accuracy; "
                  f"MIA-Efficacy = SVC-MIA (confidence) on the forget set; Avg. Gap = mean |gap| to Retrain over UA, RA, "
                  f"TA, MIA-Efficacy; RTE = unlearning wall time (Retrain: its training time). Rows sorted by Avg. Gap.")
+    if quality_models:
+        lines.append(f"- {QUALITY_NOTE.format(n=quality_models)}")
     lines += [f"- {SCENARIOS[name].note}" for name in dict.fromkeys(s for _, _, s in sections)
               if name in SCENARIOS and SCENARIOS[name].note]
     lines += [f"- {note}" for note in notes]
@@ -93,7 +112,8 @@ def csv_fields() -> list[str]:
     scenarios' own metrics (empty where a row's scenario does not have them)."""
     return (["dataset", "arch", "scenario", "setting", "method", "names", "config", "seeds", "failed_seeds", "settings"]
             + [f"{key}_{stat}" for key, _ in TABLE_METRICS for stat in ("mean", "std")]
-            + ["forget_gap_mean", "forget_gap_std", "cells"]
+            + ["forget_gap_mean", "forget_gap_std"]
+            + [f"{key}_{stat}" for key, _ in QUALITY_METRICS for stat in ("mean", "std")] + ["cells"]
             + [f"{key}_{stat}" for key in extra_metric_keys() for stat in ("mean", "std")])
 
 

@@ -34,6 +34,7 @@ class Settings:
     forget_fraction: float = 0.1
     forget_class: int = CLASSWISE_CLASS
     epoch_eval: str = "all"  # all | masked | none: which methods get per-epoch history
+    forget_quality: int = 0  # N: the competition's forgetting quality per method cell (0 = off)
     grid: dict = field(default_factory=dict)
     config: Path | None = None  # per-method hyper-parameters; default configs/benchmark_<dataset>.json when present
     jobs: int = 1

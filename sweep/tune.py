@@ -332,7 +332,7 @@ def tuning_cells(settings: Settings, plan: TunePlan, empty_config: Path) \
     for index in range(plan.trials):
         grid = {name: values[name][index] for name in plan.methods}
         trial_settings = _phase_settings(settings, methods=list(plan.methods), grid=grid, config=empty_config,
-                                         epoch_eval="all", unlearn_epochs=None)
+                                         epoch_eval="all", unlearn_epochs=None, forget_quality=0)
         trial_builds = _scenario_builds(trial_settings, seeds_of, plan.tune_classes)
         for cells, _ in trial_builds:
             for cell in cells:

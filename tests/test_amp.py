@@ -145,6 +145,53 @@ def test_unlearning_forward_passes_follow_amp(split_data, name, grad_mask, autoc
     assert runs["bf16"][2]["loss"] != runs["off"][2]["loss"]  # bf16 forward passes round differently
 
 
+@pytest.mark.parametrize("name", ["SSD", "wfisher", "fisher_new", "SalUn"])
+def test_gradient_statistics_follow_amp(split_data, name, autocast_entries, tmp_path):
+    """The one-shot methods' statistics (SSD's importances, IU's gradients and WoodFisher samples, FF's Fisher) and
+    SalUn's saliency mask run their forward passes under --amp, like every training step."""
+    seen_by_amp = {}
+    for amp in ("off", "bf16"):
+        method = make_method(name, split_data, amp)
+        method.ctx.artifacts_dir = tmp_path / amp
+        seen = ForwardDtypes(method.model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if name == "SalUn":
+                method.build_weight_mask()
+            else:
+                run_unlearning(method, 1, progress=False)
+        seen_by_amp[amp] = (set(seen.dtypes), len(autocast_entries))
+        autocast_entries.clear()
+        assert all(p.dtype == torch.float32 for p in method.model.parameters())
+    assert seen_by_amp["off"] == ({torch.float32}, 0)
+    assert torch.bfloat16 in seen_by_amp["bf16"][0] and seen_by_amp["bf16"][1] > 0
+    # IU's WoodFisher per-sample gradients stay float32 (unlearn.one_shot.per_sample_gradients says why).
+    assert seen_by_amp["bf16"][0] == ({torch.bfloat16, torch.float32} if name == "wfisher" else {torch.bfloat16})
+
+
+def test_reference_models_train_in_the_run_precision(split_data, autocast_entries, tmp_path):
+    """The per-example attacks' reference models (and U-LiRA's and forget quality's retrained models, which share the
+    trainer) train under --amp; bf16-trained models have their own cache key, float32 ones keep theirs."""
+    import numpy as np
+
+    from evaluation.reference_models import ModelSpec, ReferenceConfig, TrainTask, train_models
+
+    digits = split_data.data
+    spec = ModelSpec(arch="resnet20s", num_classes=10, in_channels=1, width=4, mean=tuple(digits.mean),
+                     std=tuple(digits.std))
+    recipe = TrainRecipe(epochs=1, lr=0.05, batch_size=64, milestones=())
+    off = ReferenceConfig(dataset="digits", model=spec, recipe=recipe, num_models=2)
+    bf16 = ReferenceConfig(dataset="digits", model=spec, recipe=recipe, num_models=2, amp="bf16")
+    assert "amp" not in off.key_fields("pool") and bf16.key_fields("pool")["amp"] == "bf16"
+    members = np.asarray(split_data.split.retain[:128], np.int64)
+    for config in (off, bf16):
+        task = TrainTask(path=str(tmp_path / f"{config.amp}.pth.tar"), members=members, init_seed=1, shuffle_seed=2,
+                         metadata={})
+        train_models([task], digits, config, batch_size=64, log=lambda message: None)
+        assert bool(autocast_entries) == (config.amp == "bf16")
+        autocast_entries.clear()
+
+
 def test_evaluation_forward_passes_follow_amp(split_data, autocast_entries):
     model = tiny_model()
     seen = ForwardDtypes(model)

@@ -3,7 +3,9 @@ recipe and N = 4: raw scores 0, the Retrain sanity row scores above the other me
 trained once and then read from the cache, the result JSON, the .npz and the .png are written; bad input exits 2."""
 from __future__ import annotations
 
+import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +158,71 @@ def test_bad_forget_quality_exits_2_before_any_work(tmp_path, value, fragment):
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not save_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# benchmark.py --forget_quality N: the F and Final columns
+# ---------------------------------------------------------------------------------------------------------------------
+
+BENCH = ["--datasets", "digits", "--seeds", "1", "--scenarios", "random", "--epochs", "2", "--width", "4",
+         "--unlearn_epochs", "1", "--no-progress", "--no-track", "--jobs", "2"]
+
+
+def benchmark_run(cwd: Path, *extra: str):
+    return run_script("benchmark.py", *BENCH, "--out", str(cwd / "out"), *extra, cwd=cwd,
+                      env={"OMP_NUM_THREADS": "1"}, timeout=600)
+
+
+def test_benchmark_cells_depend_on_the_retrained_models_only_when_asked(tmp_path):
+    from sweep.grid import build_cells
+    from sweep.settings import Settings
+
+    def cells(quality: int):
+        settings = Settings(datasets=["digits"], archs=["resnet18"], scenarios=["random"], methods=["FT"], seeds=[1],
+                            out=tmp_path, width=4, epochs=2, jobs=2, forget_quality=quality)
+        return {cell.kind: cell for cell in build_cells(settings)[0]}
+
+    off, on = cells(0), cells(3)
+    assert "--forget_quality" not in off["method"].argv + off["reference"].argv
+    assert off["reference"].key not in off["method"].deps
+    # The original and Retrain models do not depend on the score; the Retrain row and the method cells do.
+    assert on["original"].key == off["original"].key and on["retrain"].key == off["retrain"].key
+    assert on["reference"].key != off["reference"].key and on["method"].key != off["method"].key
+    assert on["reference"].key in on["method"].deps
+    reference = on["reference"].argv
+    assert reference[reference.index("--forget_quality") + 1] == "3" and reference[reference.index("--jobs") + 1] == "2"
+
+
+def test_benchmark_adds_f_and_final_columns(tmp_path):
+    proc = benchmark_run(tmp_path, "--methods", "FT", "raw", "--forget_quality", "3")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    table = (out / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| Method"))
+    assert "| Avg. Gap |" in header and "| F | Final |" in header
+    rows = {row["method"]: row for row in csv.DictReader((out / "results.csv").open())}
+    results = {r["args"]["unlearn"]: r for r in (json.loads(p.read_text()) for p in (out / "cells").glob("*.json"))}
+    for method in ("FT", "raw"):
+        quality = results[method]["forget_quality"]
+        assert quality["num_models"] == 3
+        assert float(rows[method]["forget_score_mean"]) == pytest.approx(quality["forget_score"])
+        assert float(rows[method]["final_score_mean"]) == pytest.approx(quality["final_score"])
+    assert results["raw"]["forget_quality"]["forget_score"] == 0.0
+    assert "| raw |" in table and "| 0.000 ± 0.000 | 0.000 ± 0.000 |" in table
+    # The Retrain row's cell trained the retrained models once; both method cells read them.
+    trained = results["retrain"]["forget_quality_retrained"]
+    assert trained["num_models"] == 3 and trained["trained_now"] == 3
+    assert all(results[m]["forget_quality"]["retrained_trained_now"] == 0 for m in ("FT", "raw"))
+    assert len(list(Path(trained["directory"]).glob("retrain_*.pth.tar"))) == 3
+    assert math.isnan(float(rows["Retrain"]["forget_score_mean"])) and "F = forgetting quality" in table
+
+    again = benchmark_run(tmp_path, "--methods", "FT", "raw", "--forget_quality", "3")
+    assert again.returncode == 0 and "computed 0 cell(s)" in again.stdout, again.stdout[-1500:]
+
+
+@pytest.mark.parametrize("value, fragment", [("2", "N >= 3"), ("-3", "out of range")])
+def test_benchmark_bad_forget_quality_exits_2_before_any_work(tmp_path, value, fragment):
+    proc = benchmark_run(tmp_path, "--methods", "FT", "--forget_quality", value)
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -326,6 +327,10 @@ def test_tracked_benchmark_reads_back_complete(tracked_benchmark):
             "plots/curves_digits_resnet18.png", "plots/1resnet18_ep2model_SA_best.png"} <= artifacts
     assert any(a.startswith("plots/") and "_retrain_" in a for a in walk(retrain.info.run_id))
     assert parent.data.params["methods"] == "GA VarGrad" and parent.data.params["width"] == "{'digits': 4}"
+    # where the cells ran: the executor and its workers per device (--jobs 1 on CPU: one worker)
+    assert parent.data.params["executor"] == "local" and "forget_quality" not in parent.data.params
+    if not torch.cuda.is_available():
+        assert parent.data.params["workers"] == "cpu x1" and parent.data.params["jobs"] == "1"
     # artifact files honour the umask (0644 under the usual 022), not mlflow's private temporary files (0600)
     local = Path(client.download_artifacts(masked.info.run_id, "config.yaml", str(cwd)))
     stored = Path(urllib.request.url2pathname(client.get_run(masked.info.run_id).info.artifact_uri.removeprefix("file://")))

@@ -15,9 +15,9 @@ import pytest
 
 from conftest import ROOT
 from sweep.settings import Settings, default_config_path, load_settings_file, method_combos
-from sweep.tune import (CRITERIA, design, epoch_scores, evaluation_cells, plan_from_args, search_space, select,
-                        trial_values, tuning_cells)
-from unlearn import HParam, list_methods, method_hparams, resolve_method
+from sweep.tune import (CRITERIA, design, epoch_scores, epochs_flag, evaluation_cells, plan_from_args, search_space,
+                        select, trial_values, tuning_cells)
+from unlearn import HParam, list_methods, match_methods, method_hparams, resolve_method
 from unlearn.hparams import searched
 from unlearn.registry import METHODS
 
@@ -191,14 +191,43 @@ def test_tuned_file_round_trips_through_config(tmp_path):
         load_settings_file(bad, "hyper-parameter file")
 
 
-def test_plain_benchmark_says_which_file_it_uses(tmp_path):
-    """No tuned file is shipped for digits_noisy yet: the benchmark says it uses the hand-chosen one."""
-    assert not (ROOT / "configs" / "tuned_digits_noisy.json").exists()
-    assert default_config_path("digits_noisy") == ROOT / "configs" / "benchmark_digits_noisy.json"
-    proc = benchmark("--methods", "GA", "--seeds", "1", "--scenarios", "random", "--emit-commands",
-                     str(tmp_path / "cells.txt"), "--no-track", "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "digits_noisy: hyper-parameters from" in proc.stdout and "benchmark_digits_noisy.json" in proc.stdout
+def test_plain_benchmark_uses_the_shipped_tuned_file_and_says_so(tmp_path):
+    """configs/tuned_digits_noisy.json (made by the README's --tune command) is the default for digits_noisy; the
+    hand-chosen file stays reachable with --config, and both say which file they use."""
+    shipped = ROOT / "configs" / "tuned_digits_noisy.json"
+    assert default_config_path("digits_noisy") == shipped
+    assert default_config_path("digits") == ROOT / "configs" / "benchmark_digits.json"  # no tuned file: hand-chosen
+    for extra, expected in (([], "tuned_digits_noisy.json"),
+                            (["--config", str(ROOT / "configs" / "benchmark_digits_noisy.json")],
+                             "benchmark_digits_noisy.json")):
+        proc = benchmark("--methods", "GA", "--seeds", "1", "--scenarios", "random", "--emit-commands",
+                         str(tmp_path / "cells.txt"), "--no-track", "--out", str(tmp_path / "out"), *extra, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "digits_noisy: hyper-parameters from" in proc.stdout and expected in proc.stdout, proc.stdout
+
+
+def test_shipped_tuned_file_is_complete_and_loads():
+    """Every registered configuration with a search space has a tuned entry for both scenarios, chosen from the
+    declared space (an lr of its design, an epoch within its maximum), and the provenance says how it was made."""
+    shipped = ROOT / "configs" / "tuned_digits_noisy.json"
+    payload = load_settings_file(shipped, "hyper-parameter file")
+    provenance = payload["provenance"]
+    assert provenance["criterion"] == "gap" and provenance["trials_per_method"] == 4
+    assert provenance["tune_seeds"] == [101, 102] and provenance["tune_classes"] == [3, 7]
+    assert provenance["command"].startswith("python benchmark.py --tune --trials 4 --jobs 2")
+    for config, entry in provenance["methods"].items():
+        assert entry["trials"] == 4, config
+    tuned_names = [n for n in match_methods(["*"]) if n != "retrain" and search_space(n)]
+    for name in tuned_names:
+        scenarios = payload[name]["scenarios"]
+        assert set(scenarios) == {"random", "classwise"}, name
+        for values in scenarios.values():
+            design = trial_values(name, provenance["trials_per_method"])
+            searched = {flag for flag, space in search_space(name).items() if space[0] != "per_epoch"}
+            assert {flag: values[flag] for flag in searched} in [{f: t[f] for f in searched} for t in design], name
+            epochs = epochs_flag(name)
+            if epochs is not None:
+                assert 1 <= values[epochs] <= search_space(name)[epochs][1], name
 
 
 # ---------------------------------------------------------------------------------------------------------------------

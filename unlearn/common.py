@@ -5,6 +5,7 @@ Methods override a template's default with `HParam.replace` or `unlearn.hparams.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -112,17 +113,22 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+Precision = Callable[[], contextlib.AbstractContextManager]  # the run's --amp context (UnlearnMethod.autocast)
+
+
 def accumulate_gradients(model: nn.Module, loader: Iterable, params: Sequence[torch.Tensor],
                          loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                         transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-                         ) -> tuple[list[torch.Tensor], int]:
+                         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                         precision: Precision = contextlib.nullcontext) -> tuple[list[torch.Tensor], int]:
     """Sum over the loader's batches of transform(gradient of loss_of(model(x), y)) per parameter, and the number of
     batches. Parameters without a gradient contribute zeros. The model's mode is the caller's (the statistics of IU,
-    SSD and the SalUn mask use eval mode)."""
+    SSD and the SalUn mask use eval mode). The forward pass and loss run under `precision()`; gradients are float32."""
     totals = [torch.zeros_like(p) for p in params]
     batches = 0
     for x, y in loader:
-        grads = torch.autograd.grad(loss_of(model(x), y), list(params), allow_unused=True)
+        with precision():
+            loss = loss_of(model(x), y)
+        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
         for total, g in zip(totals, grads):
             if g is not None:
                 total += g if transform is None else transform(g)

@@ -4,6 +4,7 @@ the weights in a single pass, so the driver runs one "epoch".
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -11,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dataset import TensorLoader
-from unlearn.common import (ALPHA, BATCH_SIZE, MASK_PATH, accumulate_gradients, load_mask_file, require_mask_file,
-                            statistics_loader, trainable_parameters)
+from unlearn.common import (ALPHA, BATCH_SIZE, MASK_PATH, Precision, accumulate_gradients, load_mask_file,
+                            require_mask_file, statistics_loader, trainable_parameters)
 from unlearn.hparams import HParam, searched, tune
 from unlearn.registry import UnlearnMethod, register_alias, register_method
 from utils import temporarily_eval
@@ -35,16 +36,19 @@ def _flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
 # IU (wfisher)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def summed_gradient(model: nn.Module, loader: Iterable) -> torch.Tensor:
+def summed_gradient(model: nn.Module, loader: Iterable, precision: Precision = contextlib.nullcontext) -> torch.Tensor:
     """Flat sum over the loader of per-sample CE gradients (= batch-mean gradient x batch size), trainable parameters
     in `model.parameters()` order."""
     params = [p for _, p in trainable_parameters(model)]
-    totals, _ = accumulate_gradients(model, loader, params, lambda out, y: F.cross_entropy(out, y, reduction="sum"))
+    totals, _ = accumulate_gradients(model, loader, params, lambda out, y: F.cross_entropy(out, y, reduction="sum"),
+                                     precision=precision)
     return _flat(totals)
 
 
 def per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(batch, n_params) matrix of per-sample CE gradients (the model's current mode; IU uses eval mode)."""
+    """(batch, n_params) matrix of per-sample CE gradients (the model's current mode; IU uses eval mode). Always float32,
+    whatever --amp says: autocast does not compose with vmap over an eval-mode batch norm (bfloat16 input, float32
+    running statistics), and these gradients only feed two dot products per sample."""
     from torch.func import functional_call, grad, vmap
 
     named = trainable_parameters(model)
@@ -121,8 +125,8 @@ class WFisher(UnlearnMethod):
         with temporarily_eval(self.model):
             n_f, n_r = len(data.split.forget), len(data.split.retain)
             n = n_f + n_r
-            g_f = summed_gradient(self.model, statistics_loader(data, "forget", paper, batch, gen))
-            g_r = summed_gradient(self.model, statistics_loader(data, "retain", paper, batch, gen))
+            g_f = summed_gradient(self.model, statistics_loader(data, "forget", paper, batch, gen), self.autocast)
+            g_r = summed_gradient(self.model, statistics_loader(data, "retain", paper, batch, gen), self.autocast)
             v = g_f / n - (n_f / (n * n_r)) * g_r
             k = woodfisher_direction(self.model, v, statistics_loader(data, "retain", paper, batch, gen))
         update = self.hp["alpha"] * k
@@ -155,19 +159,22 @@ def fisher_class_branch(split, num_classes: int, train_labels: torch.Tensor, pap
     return int(split.class_to_replace) if len(split.forget) == class_count else None
 
 
-def fisher_diagonal(model: nn.Module, loader: Iterable, num_classes: int) -> list[torch.Tensor]:
+def fisher_diagonal(model: nn.Module, loader: Iterable, num_classes: int,
+                    precision: Precision = contextlib.nullcontext) -> list[torch.Tensor]:
     """A = mean over batches of sum_y mean_batch(p_y) * (grad of CE(output, y))^2, eval mode (FF's Fisher diagonal;
     one backward per class, so it does not share `accumulate_gradients`)."""
     params = [p for _, p in trainable_parameters(model)]
     totals = [torch.zeros_like(p) for p in params]
     batches = 0
     for x, _ in loader:
-        output = model(x)
-        prob = torch.softmax(output.detach(), dim=-1)
+        with precision():
+            output = model(x)
+        prob = torch.softmax(output.detach().float(), dim=-1)
         for y in range(num_classes):
             target = torch.full((len(x),), y, dtype=torch.long, device=x.device)
-            grads = torch.autograd.grad(F.cross_entropy(output, target), params, retain_graph=y < num_classes - 1,
-                                        allow_unused=True)
+            with precision():
+                loss = F.cross_entropy(output, target)
+            grads = torch.autograd.grad(loss, params, retain_graph=y < num_classes - 1, allow_unused=True)
             weight = prob[:, y].mean()
             for total, g in zip(totals, grads):
                 if g is not None:
@@ -213,7 +220,7 @@ class FisherForgetting(UnlearnMethod):
         data, C, paper = self.ctx.data, self.ctx.num_classes, self.ctx.paper_era
         loader = statistics_loader(data, "retain", paper, FF_BATCH_SIZE, self.ctx.generator)
         with temporarily_eval(self.model):
-            fisher = fisher_diagonal(self.model, loader, C)
+            fisher = fisher_diagonal(self.model, loader, C, self.autocast)
         row = fisher_class_branch(data.split, C, data.data.train_labels, paper)
         alpha = self.hp["alpha"]
         with torch.no_grad():
@@ -228,10 +235,12 @@ class FisherForgetting(UnlearnMethod):
 # SSD
 # ---------------------------------------------------------------------------------------------------------------------
 
-def diagonal_importance(model: nn.Module, loader: Iterable) -> list[torch.Tensor]:
+def diagonal_importance(model: nn.Module, loader: Iterable,
+                        precision: Precision = contextlib.nullcontext) -> list[torch.Tensor]:
     """Mean over batches of the squared batch-mean CE gradient (SSD's diagonal Fisher), trainable parameters."""
     params = [p for _, p in trainable_parameters(model)]
-    totals, batches = accumulate_gradients(model, loader, params, F.cross_entropy, transform=lambda g: g.pow(2))
+    totals, batches = accumulate_gradients(model, loader, params, F.cross_entropy, transform=lambda g: g.pow(2),
+                                           precision=precision)
     return [t / max(batches, 1) for t in totals]
 
 
@@ -275,8 +284,8 @@ class SSD(UnlearnMethod):
         else:
             reference_loader = data.eval_loader("retain", batch_size=batch)
         with temporarily_eval(self.model):
-            imp_f = diagonal_importance(self.model, data.eval_loader("forget", batch_size=batch))
-            imp_r = diagonal_importance(self.model, reference_loader)
+            imp_f = diagonal_importance(self.model, data.eval_loader("forget", batch_size=batch), self.autocast)
+            imp_r = diagonal_importance(self.model, reference_loader, self.autocast)
         fraction = ssd_dampen_([p for _, p in trainable_parameters(self.model)], imp_f, imp_r, self.hp["alpha"],
                                self.hp["ssd_lambda"])
         return {"dampened_fraction": fraction}

@@ -35,8 +35,8 @@ from dataset import TensorLoader
 from models import get_classifier, set_classifier
 from training import parse_milestones
 from unlearn.common import (ALPHA, AUGMENT, BATCH_SIZE, DECREASING_LR, EPOCHS, LR, MASK_PATH, MOMENTUM, RANDOM_LABELS,
-                            WEIGHT_DECAY, accumulate_gradients, augment_for_epoch, load_mask_file, require_mask_file,
-                            save_mask, statistics_loader)
+                            WEIGHT_DECAY, Precision, accumulate_gradients, augment_for_epoch, load_mask_file,
+                            require_mask_file, save_mask, statistics_loader)
 from unlearn.hparams import HParam, searched, tune, without
 from unlearn.registry import UnlearnMethod, register_alias, register_method
 from utils import UserError, temporarily_eval
@@ -98,12 +98,14 @@ def fgsm_neighbour_labels(frozen: nn.Module, images: torch.Tensor, labels: torch
 
 # --- SalUn saliency masks --------------------------------------------------------------------------------------------
 
-def forget_gradient_saliency(model: nn.Module, loader: Iterable) -> dict[str, torch.Tensor]:
+def forget_gradient_saliency(model: nn.Module, loader: Iterable,
+                             precision: Precision = contextlib.nullcontext) -> dict[str, torch.Tensor]:
     """|sum over forget batches of the gradient of -CE (batch mean)| per parameter, with the model in eval mode and no
     update (SalUn `generate_mask.py` since commit bc74947). Gradients the caller had are cleared."""
     named = list(model.named_parameters())
     with temporarily_eval(model):
-        totals, _ = accumulate_gradients(model, loader, [p for _, p in named], lambda out, y: -F.cross_entropy(out, y))
+        totals, _ = accumulate_gradients(model, loader, [p for _, p in named], lambda out, y: -F.cross_entropy(out, y),
+                                         precision=precision)
     return {name: total.abs() for (name, _), total in zip(named, totals)}
 
 
@@ -480,7 +482,7 @@ class SalUn(RL):
             return load_mask_file(path, self.model)
         ratio = self.hp["salun_ratio"]
         loader = statistics_loader(self.ctx.data, "forget", self.ctx.paper_era, self.batch_size, self.ctx.generator)
-        mask = saliency_mask(forget_gradient_saliency(self.model, loader), ratio)
+        mask = saliency_mask(forget_gradient_saliency(self.model, loader, self.autocast), ratio)
         target = Path(path) if path else (Path(self.ctx.artifacts_dir) / f"salun_mask_{ratio}.pt"
                                           if self.ctx.artifacts_dir is not None else None)
         if target is not None:
