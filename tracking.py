@@ -35,6 +35,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SCALAR_METRICS = ("UA", "RA", "TA", "MIA_efficacy", "rUA", "agreement", "avg_gap", "RTE_seconds")
 KEPT_FRACTION = "kept_fraction"
 REFERENCE_METRICS = ("UA", "RA", "TA", "MIA_efficacy")
+# Scores computed once after unlearning (--forget_quality, --mia): logged at the last epoch's step (`final_metrics`).
+FORGET_QUALITY_METRICS = ("forget_score", "final_score", "retain_acc_ratio", "test_acc_ratio")
 # The same number under a second name only doubles the metric list: UA = 100 - accuracy.forget, RA = accuracy.retain,
 # TA = accuracy.test, MIA_efficacy = SVC_MIA.confidence.
 DUPLICATE_ACCURACIES = ("forget", "retain", "test")
@@ -152,6 +154,27 @@ def epoch_metrics(metrics: dict, stats: dict | None = None) -> dict[str, float]:
         if _number(value) is not None:
             flat[KEPT_FRACTION if name == KEPT_FRACTION else f"stat.{name}"] = float(value)
     return flat
+
+
+def final_metrics(result: dict) -> dict[str, float]:
+    """The scores a result gets once, after its last epoch: the forgetting quality of `--forget_quality N` as
+    `forget_quality.<key>`, and each per-example attack summary of `--mia` (the method's, the original's, Retrain's
+    and their gaps: {"lira_online": {"auc": ..}, ..}) as `mia.<summary>.<key>`."""
+    quality = result.get("forget_quality") or {}
+    flat = {f"forget_quality.{key}": float(quality[key]) for key in FORGET_QUALITY_METRICS
+            if _number(quality.get(key)) is not None}
+    for summary, values in (result.get("per_example_mia") or {}).items():
+        if summary == "seconds" or not isinstance(values, dict):
+            continue  # timings and file paths are not scores
+        flat.update({f"mia.{summary}.{key}": float(value) for key, value in values.items()
+                     if _number(value) is not None})
+    return flat
+
+
+def log_final_metrics(handle, result: dict, timestamp_ms: int | None = None) -> None:
+    values = final_metrics(result)
+    if values:
+        handle.log_metrics(values, step=int(result.get("epochs_run") or 1), timestamp_ms=timestamp_ms)
 
 
 def reference_metrics(retrain: dict | None) -> dict[str, float]:
@@ -417,6 +440,7 @@ def log_result_run(tracker: MlflowTracker, experiment_id: str, name: str, result
     else:
         stats = (result.get("epoch_stats") or [{}])[-1] if result.get("epoch_stats") else {}
         handle.log_epoch(int(result.get("epochs_run") or 1), result, stats, reference=reference, timestamp_ms=end_ms)
+    log_final_metrics(handle, result, timestamp_ms=end_ms)
     split_file = result.get("split_file")
     handle.log_files(result_file, config=result.get("args"), split_file=Path(split_file) if split_file else None,
                      plots=plots)

@@ -122,7 +122,7 @@ def tracked_forget(config: RunConfig, tracker, experiment_id: str | None = None,
     """mlflow_forget.py and the benchmark's method cells: references (trained when missing) -> unlearning with
     per-epoch evaluation -> result JSON (written before the last tracking calls, so an outage loses nothing) -> the
     tracker. Returns the result dict; `result["result_file"]` is where it was written."""
-    from tracking import ending
+    from tracking import ending, log_final_metrics
 
     warn_constant_method(config)
     p = p or prepare(config, data=data)
@@ -153,6 +153,7 @@ def tracked_forget(config: RunConfig, tracker, experiment_id: str | None = None,
         write_outputs(p, result, result_path, unl.model, checkpoint)
         if not epoch_eval:  # one point: the final evaluation, with the last epoch's statistics
             handle.log_epoch(result["epochs_run"], result, (result.get("epoch_stats") or [{}])[-1], reference=reference)
+        log_final_metrics(handle, result)
         plots = model_curve_plots(p, trained)
         if config.output.plots and result.get("curves"):
             from plots import plot_epoch_curves

@@ -226,3 +226,49 @@ def test_benchmark_bad_forget_quality_exits_2_before_any_work(tmp_path, value, f
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_scores_are_tracked_metrics(workspace, tmp_path):
+    """mlflow_forget.py logs F, Final and the two ratios as `forget_quality.*` metrics of its run (the retrained
+    models of the workspace are reused), and a benchmark cell logged after the fact gets the same metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from tracking import final_metrics, log_result_run
+
+    save_dir, runs = workspace
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_script("mlflow_forget.py", *FLAGS, "--save_dir", str(save_dir), "--unlearn", "FT", "--forget_quality",
+                      str(N), "--result_json", str(tmp_path / "ft.json"), env={"MLFLOW_TRACKING_URI": uri},
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    quality = json.loads((tmp_path / "ft.json").read_text())["forget_quality"]
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.metrics["forget_quality.forget_score"] == pytest.approx(quality["forget_score"])
+    assert run.data.metrics["forget_quality.final_score"] == pytest.approx(quality["final_score"])
+    assert run.data.metrics["forget_quality.test_acc_ratio"] == pytest.approx(quality["test_acc_ratio"])
+
+    class Recorder:
+        record, run_id = None, "r"
+        metrics: dict = {}
+
+        def start_run(self, *args, **kwargs):
+            return self
+
+        def log_epoch(self, *args, **kwargs):
+            pass
+
+        def log_metrics(self, values, step=0, timestamp_ms=None):
+            self.metrics.update(values)
+
+        def log_files(self, *args, **kwargs):
+            pass
+
+        def end(self, *args, **kwargs):
+            pass
+
+    recorder = Recorder()
+    raw = runs["raw"][1]
+    log_result_run(recorder, "0", "raw", raw, save_dir / "raweval_result.json", {}, {})
+    assert recorder.metrics == final_metrics(raw) and recorder.metrics["forget_quality.forget_score"] == 0.0
+    assert final_metrics({"UA": 1.0}) == {}

@@ -336,3 +336,21 @@ def test_tracked_benchmark_reads_back_complete(tracked_benchmark):
     stored = Path(urllib.request.url2pathname(client.get_run(masked.info.run_id).info.artifact_uri.removeprefix("file://")))
     assert (stored / "config.yaml").stat().st_mode & 0o044 == 0o044, oct((stored / "config.yaml").stat().st_mode)
     assert local.is_file()
+
+
+def test_final_metrics_flatten_forget_quality_and_attack_summaries():
+    from tracking import final_metrics
+
+    result = {"UA": 3.0, "epochs_run": 4,
+              "forget_quality": {"num_models": 8, "forget_score": 0.25, "final_score": 0.2, "retain_acc_ratio": 0.9,
+                                 "test_acc_ratio": 0.8, "epsilon_quantiles": {"q50": 1.5}, "scores_file": "x.npz"},
+              "per_example_mia": {"lira_online": {"auc": 0.61, "tpr_at_1pct_fpr": 0.04},
+                                  "gap_lira_online": {"auc": -0.02, "tpr_at_1pct_fpr": 0.0},
+                                  "ulira": None, "ulira_note": "no Retrain model", "reference_models_trained_now": 0,
+                                  "seconds": {"lira_online": 0.01}, "scores_file": "s.npz"}}
+    assert final_metrics(result) == {
+        "forget_quality.forget_score": 0.25, "forget_quality.final_score": 0.2,
+        "forget_quality.retain_acc_ratio": 0.9, "forget_quality.test_acc_ratio": 0.8,
+        "mia.lira_online.auc": 0.61, "mia.lira_online.tpr_at_1pct_fpr": 0.04,
+        "mia.gap_lira_online.auc": -0.02, "mia.gap_lira_online.tpr_at_1pct_fpr": 0.0}
+    assert final_metrics({"UA": 3.0}) == {}
