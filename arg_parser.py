@@ -75,12 +75,15 @@ _NON_NEGATIVE_INT = number(int, 0)
 
 
 def forget_quality_models(text: str) -> int:
-    """--forget_quality N (run scripts and benchmark): 0 (off) or N >= 3, since below 3 models ceil(ln(N - 1)) leaves
-    the competition's score no bucket."""
+    """--forget_quality N (run scripts and benchmark): 0 (off) or a model count the score accepts."""
+    from evaluation.forget_quality import check_num_models
+
     value = _NON_NEGATIVE_INT(text)
-    if value in (1, 2):
-        raise argparse.ArgumentTypeError(f"{value}: the score needs N >= 3 models (below that ceil(ln(N - 1)) leaves "
-                                         f"no bucket); allowed: 0 (off) or N >= 3")
+    if value:
+        try:
+            check_num_models(value)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}; allowed: 0 (off) or N >= 3") from None
     return value
 
 

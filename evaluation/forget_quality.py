@@ -298,7 +298,8 @@ def example_epsilons(unlearned_confs, retrained_confs, delta: float = DELTA, *,
 # Scores
 # --------------------------------------------------------------------------------------------------------------------
 
-def _check_num_models(num_models) -> int:
+def check_num_models(num_models) -> int:
+    """N as an int, or a UserError: the score needs N >= 3 models (the one place this rule is written)."""
     if isinstance(num_models, bool) or not isinstance(num_models, (int, np.integer)):
         raise UserError(f"num_models must be an integer; got {num_models!r}")
     if num_models < 3:
@@ -308,7 +309,7 @@ def _check_num_models(num_models) -> int:
 
 def num_buckets(num_models: int) -> int:
     """Buckets of width 0.5 ending at or below ceil(ln(N − 1)): 8 for N = 32, 14 for N = 512."""
-    top = math.ceil(math.log(_check_num_models(num_models) - 1))
+    top = math.ceil(math.log(check_num_models(num_models) - 1))
     return int(top // BUCKET_WIDTH)
 
 
@@ -337,7 +338,7 @@ def forget_score(unlearned_confs, retrained_confs, delta: float = DELTA, *,
                  device: torch.device | str | None = None) -> float:
     """Forgetting quality F from [N, n] confidences of N unlearned and N retrained models (N >= 3)."""
     unlearned = _confidence_matrix(unlearned_confs, "unlearned_confs", torch.device(device) if device else None)
-    num_models = _check_num_models(unlearned.shape[0])  # before any work: N < 3 cannot be scored
+    num_models = check_num_models(unlearned.shape[0])  # before any work: N < 3 cannot be scored
     return forget_score_from_epsilons(example_epsilons(unlearned, retrained_confs, delta), num_models)
 
 

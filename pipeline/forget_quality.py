@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 from dataset import ImageData, Split, SplitData, TensorLoader
-from evaluation.forget_quality import (BUCKET_WIDTH, EPSILON_CAP, bucket_scores, example_epsilons, final_score,
-                                       forget_score_from_epsilons, logit_scaled_confidence, num_buckets)
+from evaluation.forget_quality import (BUCKET_WIDTH, EPSILON_CAP, bucket_scores, check_num_models, example_epsilons,
+                                       final_score, forget_score_from_epsilons, logit_scaled_confidence, num_buckets)
 from evaluation.metrics import predict
 from evaluation.reference_models import (DEFAULT_DESIGN_SEED, ModelSpec, ReferenceConfig, TrainTask, derived_seed,
                                          npz_bytes, single_thread, train_models)
@@ -402,8 +402,7 @@ def forget_quality(p: Prepared, unl: Unlearned, write_files: bool = True,
     num_models = c.eval.forget_quality
     if not num_models:
         return {}
-    if num_models < 3:
-        raise UserError(f"--forget_quality {num_models}: the score needs N >= 3 models; allowed: 0 (off) or N >= 3")
+    check_num_models(num_models)  # before any model is trained
     if len(p.split.forget) == 0:
         raise UserError("--forget_quality needs a non-empty forget set")
     retrained = retrained_models_of_run(p, unl.width, log=log)
