@@ -42,7 +42,9 @@ def aggregate(cells: list[Cell], out: Path) -> list[dict]:
     for (dataset, arch, scenario, label), members in groups.items():
         results = [r for _, r in members if r is not None]
         first = members[0][0]
-        row = {"dataset": dataset, "arch": arch, "scenario": scenario, "setting": first.setting, "method": label,
+        # Every forget setting of the row (class-wise held-out rows pool several classes: "class0 class1 class2").
+        setting = " ".join(dict.fromkeys(c.setting for c, _ in members))
+        row = {"dataset": dataset, "arch": arch, "scenario": scenario, "setting": setting, "method": label,
                "names": first.names,
                "config": first.config, "reference": first.kind == "reference", "family": first.family,
                "seeds": [c.seed for c, r in members if r is not None],
@@ -85,7 +87,8 @@ def markdown_table(rows: list[dict], notes: list[str], seeds: list[int]) -> str:
         sections.setdefault((row["dataset"], row["arch"], row["scenario"]), []).append(row)
     quality_models = max((row.get("forget_quality_models", 0) for row in rows), default=0)
     for (dataset, arch, scenario), members in sections.items():
-        lines += [f"### {dataset}, {arch}, {scenario} forgetting ({members[0]['setting']})", ""]
+        settings = " ".join(dict.fromkeys(s for row in members for s in row["setting"].split()))
+        lines += [f"### {dataset}, {arch}, {scenario} forgetting ({settings.replace(' ', ', ')})", ""]
         columns = table_metrics(scenario)
         if any(row.get("forget_quality_models") for row in members):
             columns += QUALITY_METRICS

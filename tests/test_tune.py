@@ -327,3 +327,21 @@ def test_tiny_tune_second_invocation_recomputes_nothing(tiny_tune):
                      "0", "--jobs", "2", "--no-progress", "--no-track", "--out", "out", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "computed 0 cell(s)" in proc.stdout
+
+
+def test_pooled_class_wise_rows_name_every_forgotten_class(tmp_path):
+    """A held-out class-wise row pools classes 0, 1, 2: the table's heading and the row's setting name all three."""
+    from sweep.grid import Cell
+    from sweep.report import aggregate, markdown_table
+
+    cells = []
+    for forget_class in (0, 1, 2):
+        cell = Cell("method", f"k{forget_class}", "digits", "resnet18", "classwise", 1, [], names=["GA"], label="GA",
+                    setting=f"class{forget_class}")
+        cell.result_path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+        cell.result_path(tmp_path).write_text(json.dumps({"args": {}, "RTE_seconds": 1.0, "UA": float(forget_class),
+                                                          "avg_gap": 1.0}))
+        cells.append(cell)
+    (row,) = aggregate(cells, tmp_path)
+    assert row["setting"] == "class0 class1 class2" and row["UA_mean"] == 1.0
+    assert "### digits, resnet18, classwise forgetting (class0, class1, class2)" in markdown_table([row], [], [1])
