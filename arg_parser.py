@@ -87,9 +87,6 @@ def forget_quality_models(text: str) -> int:
     return value
 
 
-forget_quality_models.__name__ = "int"
-
-
 def _milestones(text: str) -> str:
     try:
         parse_milestones(text)

@@ -67,9 +67,9 @@ import torch
 from dataset import ImageData, Split, SplitData
 from evaluation.attacks import (RMIA_DEFAULT_A, attack_summary, lira_offline, lira_online, rmia_scores,
                                 roc_curve_points, tune_rmia_a, ulira_accuracy, ulira_scores)
-from evaluation.reference_models import (ReferenceConfig, ReferenceModels, TrainTask, attack_pool_data, derived_seed,
-                                         ensure_reference_models, model_seeds, model_signals, npz_bytes, single_thread,
-                                         train_models, training_split)
+from evaluation.reference_models import (ReferenceConfig, ReferenceModels, TrainTask, attack_pool_data,
+                                         checkpoint_matches, derived_seed, ensure_reference_models, model_seeds,
+                                         model_signals, npz_bytes, single_thread, train_models, training_split)
 from utils import (DivergenceError, UserError, atomic_write_bytes, load_checkpoint, make_generator, set_seed,
                    pyplot, save_figure, sha256_of_array)
 
@@ -215,14 +215,7 @@ def ensure_retrained_shadows(refs: ReferenceModels, shadow_forgets: list[np.ndar
     if not (directory / "shadow_forget.npz").is_file():
         atomic_write_bytes(directory / "shadow_forget.npz",
                            npz_bytes(**{f"forget_{k:03d}": f for k, f in enumerate(shadow_forgets)}))
-    missing = []
-    for k, path in enumerate(paths):
-        try:
-            ok = path.is_file() and load_checkpoint(path).get("cache_key") == digest
-        except UserError:
-            ok = False
-        if not ok:
-            missing.append(k)
+    missing = [k for k, path in enumerate(paths) if not checkpoint_matches(path, digest, k)]
     if missing:
         log(f"U-LiRA: training {len(missing)} of {refs.num_models} retrained shadow models into {directory}")
         tasks = []

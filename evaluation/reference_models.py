@@ -311,7 +311,9 @@ def cache_directory(cache_root: str | Path, config: ReferenceConfig, pool: np.nd
     return Path(cache_root) / name, {**fields, "key": digest}
 
 
-def _checkpoint_matches(path: Path, key: str, index: int) -> bool:
+def checkpoint_matches(path: Path, key: str, index: int) -> bool:
+    """Whether a cached model file is model `index` of the cache `key` (any cache of trained models: reference models,
+    U-LiRA's retrained shadows, forget quality's retrained models); a missing or unreadable file is not."""
     if not path.is_file():
         return False
     try:
@@ -343,7 +345,7 @@ def ensure_reference_models(config: ReferenceConfig, data: ImageData, split: Spl
 
     refs = ReferenceModels(directory=directory, config=config, pool=pool, in_mask=in_mask, phi=np.empty(0),
                            prob=np.empty(0), trained_now=[], seconds_now=0.0, train_seconds_total=0.0)
-    missing = [k for k in range(config.num_models) if not _checkpoint_matches(refs.model_path(k), key, k)]
+    missing = [k for k in range(config.num_models) if not checkpoint_matches(refs.model_path(k), key, k)]
     if missing:
         log(f"training {len(missing)} of {config.num_models} reference models into {directory} (jobs={jobs})")
         tasks = []

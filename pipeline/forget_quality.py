@@ -49,8 +49,8 @@ from dataset import ImageData, Split, SplitData, TensorLoader
 from evaluation.forget_quality import (BUCKET_WIDTH, EPSILON_CAP, bucket_scores, check_num_models, example_epsilons,
                                        final_score, forget_score_from_epsilons, logit_scaled_confidence, num_buckets)
 from evaluation.metrics import predict
-from evaluation.reference_models import (DEFAULT_DESIGN_SEED, ModelSpec, ReferenceConfig, TrainTask, derived_seed,
-                                         npz_bytes, single_thread, train_models)
+from evaluation.reference_models import (DEFAULT_DESIGN_SEED, ModelSpec, ReferenceConfig, TrainTask, checkpoint_matches,
+                                         derived_seed, npz_bytes, single_thread, train_models)
 from pipeline import paths
 from pipeline.config import RunConfig
 from pipeline.mia import reference_config
@@ -158,16 +158,6 @@ def retrained_path(directory: Path, index: int) -> Path:
     return directory / f"retrain_{index:03d}.pth.tar"
 
 
-def _is_cached(path: Path, key: str, index: int) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        payload = load_checkpoint(path)
-    except UserError:
-        return False  # unreadable (an interrupted copy): train it again
-    return payload.get("cache_key") == key and payload.get("index") == index
-
-
 @dataclass
 class RetrainedModels:
     directory: Path
@@ -188,7 +178,7 @@ def ensure_retrained(config: ReferenceConfig, data: ImageData, splits: SplitData
     with file_lock(directory):
         if not (directory / "config.json").is_file():
             atomic_write_json(directory / "config.json", fields)
-        missing = [k for k in range(num_models) if not _is_cached(retrained_path(directory, k), key, k)]
+        missing = [k for k in range(num_models) if not checkpoint_matches(retrained_path(directory, k), key, k)]
         if missing:
             log(f"forget quality: training {len(missing)} of {num_models} models retrained on the retain set into "
                 f"{directory} (jobs={jobs})")

@@ -85,10 +85,11 @@ class UnlearnMethod:
         """Work done once after the last epoch (counted in RTE)."""
 
     def autocast(self):
-        """Context for a forward pass and its loss under the run's `--amp` (a null context when it is off).
+        """Context for a forward pass and its loss under the run's `--amp` (a null context when it is off), in the
+        training steps and in the forward passes of gradient statistics (`unlearn.common.accumulate_gradients`).
 
-        Backward passes, gradient statistics and optimiser steps stay outside it: they work on float32 parameters and
-        gradients, and autocast is meant for forward computations only.
+        Backward passes and optimiser steps stay outside it: they work on float32 parameters and gradients, and
+        autocast is meant for forward computations only.
         """
         return forward_precision(self.ctx.amp, self.ctx.device)
 
