@@ -122,6 +122,15 @@ class TunePlan:
     methods: tuple[str, ...]            # tuned (non-empty search space)
     untuned: tuple[str, ...]            # evaluated with their defaults (nothing to search: raw)
 
+    @property
+    def other_criterion(self) -> str:
+        """The selection rule not chosen by --select (its choices are evaluated too, for the comparison)."""
+        return next(c for c in CRITERIA if c != self.criterion)
+
+    @property
+    def all_eval_seeds(self) -> list[int]:
+        return sorted({s for seeds in self.eval_seeds.values() for s in seeds})
+
 
 def check_tune_args(args: argparse.Namespace, num_classes: dict[str, int]) -> None:
     """One-line UserError for flag combinations --tune cannot run; `num_classes` per selected dataset."""
@@ -412,7 +421,6 @@ def provenance(plan: TunePlan, chosen: list[Selection], other: list[Selection], 
         entry["tuning_cells_per_trial"][selection.scenario] = selection.cells_per_trial
         entry["best_score"][selection.scenario] = None if math.isinf(selection.score) else round(selection.score, 4)
         entry["best_trial"][selection.scenario] = selection.trial + 1 if selection.trial >= 0 else None
-    other_criterion = next(c for c in CRITERIA if c != plan.criterion)
     return {
         "command": "python " + " ".join(shlex.quote(a) for a in argv),
         "commit": git_commit(),
@@ -422,7 +430,7 @@ def provenance(plan: TunePlan, chosen: list[Selection], other: list[Selection], 
         "criterion": plan.criterion, "trials_per_method": plan.trials,
         "search_space": spaces, "methods": per_method,
         "not_tuned": {name: "no search space declared (nothing to tune)" for name in plan.untuned},
-        f"choices_under_{other_criterion}": {f"{s.config} | {s.scenario}": s.values for s in other},
+        f"choices_under_{plan.other_criterion}": {f"{s.config} | {s.scenario}": s.values for s in other},
         "tuning_seconds": round(seconds, 1), "tuning_cpu_seconds": round(cpu_seconds, 1),
     }
 
@@ -479,7 +487,7 @@ def _select_comparison(plan: TunePlan, chosen: list[Selection], other: list[Sele
                     float(result["avg_gap"])
         return table
 
-    by_rule = {plan.criterion: values(main_cells), next(c for c in CRITERIA if c != plan.criterion): values(other_cells)}
+    by_rule = {plan.criterion: values(main_cells), plan.other_criterion: values(other_cells)}
     gap, free = by_rule["gap"], by_rule["retrain_free"]
     lines = ["## Selection rules on the held-out cells", "",
              "Held-out Avg. Gap (mean over the evaluation cells) of each configuration as chosen by `--select gap` "
@@ -487,7 +495,7 @@ def _select_comparison(plan: TunePlan, chosen: list[Selection], other: list[Sele
              "| Configuration | scenario | gap rule | retrain-free rule | loss | same choice |", "|---|---|---|---|---|---|"]
     pairs_all: list[tuple[float, float]] = []
     rule_values = {(plan.criterion, s.names, s.scenario): s.values for s in chosen}
-    rule_values.update({(next(c for c in CRITERIA if c != plan.criterion), s.names, s.scenario): s.values
+    rule_values.update({(plan.other_criterion, s.names, s.scenario): s.values
                         for s in other})
     losses = []
     for key in sorted(set(gap) & set(free), key=lambda k: (k[1], " = ".join(k[0]).lower())):
@@ -526,7 +534,7 @@ def run_tune(settings: Settings, plan: TunePlan, tracker, experiment_id, progres
     tune_cpu = _cpu_seconds(tune_dir / "sweep.json")
 
     chosen = selections(cells, tune_dir, plan, trial_of, plan.criterion)
-    other_criterion = next(c for c in CRITERIA if c != plan.criterion)
+    other_criterion = plan.other_criterion
     other = selections(cells, tune_dir, plan, trial_of, other_criterion)
     payload = {**tuned_config(chosen), "provenance": provenance(plan, chosen, other, argv, tune_seconds, tune_cpu)}
     tuned_path = atomic_write_json(out / "tuned.json", payload)
@@ -540,10 +548,8 @@ def run_tune(settings: Settings, plan: TunePlan, tracker, experiment_id, progres
         # The other rule's choices first, into the same <out>/cells and <out>/models: the main evaluation below then
         # finds every cell where both rules chose the same values already done, and runs only the rest.
         other_cells, other_notes = evaluation_cells(settings, plan, other_path, f" [{other_criterion}]")
-        other_outcome = PhaseSweep(_phase_settings(settings, seeds=sorted({s for v in plan.eval_seeds.values()
-                                                                           for s in v})),
-                                   other_cells, other_notes, tracker, experiment_id, progress, shared, last=False,
-                                   paired=False).run()
+        other_outcome = PhaseSweep(_phase_settings(settings, seeds=plan.all_eval_seeds), other_cells, other_notes,
+                                   tracker, experiment_id, progress, shared, last=False, paired=False).run()
         eval_cpu += _cpu_seconds(out / "sweep.json")
         for name in ("results.md", "results.csv"):  # the other rule's table, kept under its own name
             atomic_write_text(out / name.replace("results", f"results_select_{other_criterion}"),
@@ -553,7 +559,7 @@ def run_tune(settings: Settings, plan: TunePlan, tracker, experiment_id, progres
                   f"per method on seeds {' '.join(map(str, plan.tune_seeds))}"
                   + (f" and classes {' '.join(map(str, plan.tune_classes))}" if "classwise" in settings.scenarios
                      else "") + ")."] + main_notes
-    evaluation = PhaseSweep(_phase_settings(settings, seeds=sorted({s for v in plan.eval_seeds.values() for s in v})),
+    evaluation = PhaseSweep(_phase_settings(settings, seeds=plan.all_eval_seeds),
                             main_cells, main_notes, tracker, experiment_id, progress, shared, last=True, paired=True)
     eval_outcome = evaluation.run()
     eval_seconds = time.perf_counter() - eval_start
