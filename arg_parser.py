@@ -10,13 +10,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from dataset import list_datasets, num_classes_of, recipe_defaults
+from dataset import check_train_subset, list_datasets, num_classes_of, recipe_defaults
+from evaluation.per_example_mia import check_num_ref_models
 from models import list_models
-from pipeline.config import (DataConfig, EvalConfig, MethodConfig, ModelConfig, OutputConfig, RunConfig,
-                             TrackingConfig, frozen)
+from pipeline.config import (
+    DataConfig,
+    EvalConfig,
+    MethodConfig,
+    ModelConfig,
+    OutputConfig,
+    RunConfig,
+    TrackingConfig,
+    frozen,
+)
 from training import parse_milestones
 from unlearn import resolve_hyperparameters, resolve_method
 from unlearn.masks import MASK_MODES
@@ -24,6 +34,7 @@ from unlearn.registry import declared_flags
 from utils import UserError, check_output_path, resolve_device
 
 FORGET_SCRIPTS = ("mlflow_forget.py", "main_backdoor.py")  # scripts with the output and tracking flags
+EPOCH_EVAL_METRICS = ("all", "selection")  # mlflow_forget.py --epoch-eval-metrics (pipeline.stages.unlearn)
 SCRIPTS = ("main_baseline.py", "main_forget.py", *FORGET_SCRIPTS)
 
 
@@ -40,7 +51,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
            high_open: bool = False) -> Callable[[str], Any]:
-    """A converter for argparse: `kind` (int or float) within the interval, else a one-line error saying what is allowed."""
+    """A converter for argparse: `kind` (int or float) within the interval, else a one-line error saying what is
+    allowed."""
     what = "an integer" if kind is int else "a number"
     if low is not None and high is None:
         allowed = ("a positive integer" if kind is int and low == 1 and not low_open else
@@ -125,13 +137,18 @@ def build_parser(script: str = "main_forget.py", description: str = "") -> OneLi
     p = OneLineErrorParser(description=description, prog=script, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="../data", help="dataset root (torchvision layout; CIFAR/SVHN downloaded when online)")
+    g.add_argument("--data", default="../data",
+                   help="dataset root (torchvision layout; CIFAR/SVHN/Fashion-MNIST downloaded when online; "
+                        "fashion_mnist also reads a flat folder of its four .gz files)")
     g.add_argument("--dataset", default="cifar10", choices=list_datasets(), help="dataset (default cifar10)")
     g.add_argument("--num_classes", type=int, default=None,
                    help="derived from the dataset; an explicit value must agree with it")
     g.add_argument("--batch_size", type=POSITIVE_INT, default=None, help="batch size of every loader (256; digits 64)")
     g.add_argument("--no-aug", dest="no_aug", action="store_true", help="no train-time augmentation (crop/flip)")
     g.add_argument("--no-download", dest="no_download", action="store_true", help="never try to download data")
+    g.add_argument("--train_subset", type=POSITIVE_INT, default=None, metavar="N",
+                   help="train and validate on a stratified subset of N training images, the same for every seed "
+                        "(fashion_mnist, cifar10, cifar100, svhn; recorded in the split file and its tag)")
     g.add_argument("--split", default=None, choices=["consistent", "upstream"],
                    help="consistent (default): forget/retain always inside the original model's training set; "
                         "upstream: the Unlearn-Sparse split-seed quirk (the default under --paper_era)")
@@ -164,21 +181,28 @@ def build_parser(script: str = "main_forget.py", description: str = "") -> OneLi
     g.add_argument("--save_dir", default="./results", help="output directory (default ./results)")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted training run (refused when its recorded settings differ)")
-    g.add_argument("--retrain", action="store_true", help="main_baseline.py: train the Retrain reference on the retain set")
+    g.add_argument("--retrain", action="store_true",
+                   help="main_baseline.py: train the Retrain reference on the retain set")
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     g.add_argument("--gpu", type=number(int, 0), default=None, help="CUDA device index (upstream flag); same as "
                                                                     "--device cuda:N")
+    g.add_argument("--threads", type=POSITIVE_INT, default=None,
+                   help="CPU threads of this run (torch.set_num_threads; default: torch's own choice). The thread "
+                        "count changes the order of floating-point sums, hence the numbers: benchmark.py runs every "
+                        "cell with --threads 1, wherever it runs")
     g.add_argument("--amp", default="off", choices=["off", "bf16"],
                    help="mixed precision: bf16 autocast for training, unlearning and evaluation (default off)")
     g.add_argument("--no-progress", dest="no_progress", action="store_true", help="hide tqdm progress bars")
 
-    g = p.add_argument_group("unlearning (hyper-parameter flags left unset take the method's default; see docs/methods.md)")
+    g = p.add_argument_group("unlearning (hyper-parameter flags left unset take the method's default; "
+                             "see docs/methods.md)")
     g.add_argument("--mask", "--model_path", dest="mask", default=None,
                    help="checkpoint of the model to unlearn (upstream name --mask; SalUn's --model_path)")
     g.add_argument("--unlearn", default="retrain", help="unlearning method (see --list-methods)")
     g.add_argument("--grad_mask", default=None, choices=list(MASK_MODES),
                    help="gradient-mask add-on applied to a bi-objective base")
-    g.add_argument("--unlearn_seed", type=number(int), default=None, help="seed of the unlearning run (default: --seed)")
+    g.add_argument("--unlearn_seed", type=number(int), default=None,
+                   help="seed of the unlearning run (default: --seed)")
     g.add_argument("--paper_era", action="store_true",
                    help="paper-era (upstream bug-compatible) behaviour: the values of --split and of the method's "
                         "switches that reproduce upstream, unless given explicitly")
@@ -199,9 +223,11 @@ def build_parser(script: str = "main_forget.py", description: str = "") -> OneLi
         g.add_argument("--track", action=argparse.BooleanOptionalAction,
                        default=None if script == "main_backdoor.py" else True,
                        help="log to mlflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)"
-                            + ("; default: only when MLFLOW_TRACKING_URI is set" if script == "main_backdoor.py" else ""))
+                            + ("; default: only when MLFLOW_TRACKING_URI is set"
+                               if script == "main_backdoor.py" else ""))
         g.add_argument("--experiment", default=None, help="mlflow experiment (default: '<dataset>-<scenario>')")
-        g.add_argument("--run_name", default=None, help="mlflow run name (default: '<method>-<forget setting>-seed<seed>')")
+        g.add_argument("--run_name", default=None,
+                       help="mlflow run name (default: '<method>-<forget setting>-seed<seed>')")
         g.add_argument("--parent_run_id", default=None, help="nest the run under this mlflow run (a benchmark sweep)")
         g.add_argument("--result_json", default=None,
                        help="where to write the result JSON (default: a name in --save_dir)")
@@ -209,6 +235,12 @@ def build_parser(script: str = "main_forget.py", description: str = "") -> OneLi
                        help="do not write the unlearned checkpoint (benchmark cells keep only their result JSON)")
         g.add_argument("--no-epoch-eval", dest="no_epoch_eval", action="store_true",
                        help="evaluate only after the last unlearning epoch (no per-epoch curves)")
+        if script == "mlflow_forget.py":
+            g.add_argument("--epoch-eval-metrics", dest="epoch_eval_metrics", default="all",
+                           choices=EPOCH_EVAL_METRICS,
+                           help="what each per-epoch evaluation computes: all = every metric of the result (default); "
+                                "selection = only what benchmark.py --tune selects by, from the training pool (UA, RA, "
+                                "VA, MIA_efficacy_val, val_gap; no test-set output, and faster)")
         g.add_argument("--no-plots", dest="no_plots", action="store_true", help="do not draw plots")
     if script == "main_backdoor.py":
         g = p.add_argument_group("backdoor")
@@ -236,10 +268,11 @@ def build_config(ns: argparse.Namespace, script: str) -> RunConfig:
     values = dict(vars(ns))
     derived = num_classes_of(values["dataset"])
     if values["num_classes"] is not None and values["num_classes"] != derived:
-        raise UserError(f"--num_classes {values['num_classes']} disagrees with --dataset {values['dataset']}, which has "
-                        f"{derived} classes (omit --num_classes)")
+        raise UserError(f"--num_classes {values['num_classes']} disagrees with --dataset {values['dataset']}, "
+                        f"which has {derived} classes (omit --num_classes)")
     values["num_classes"] = derived
-    for key, value in recipe_defaults(values["dataset"]).items():  # the dataset's recipe fills what was left unset
+    check_train_subset(values["dataset"], values["train_subset"])
+    for key, value in recipe_defaults(values["dataset"], values["train_subset"]).items():  # fills what was left unset
         if values.get(key) is None:
             values[key] = value
     lowest_class = 0 if script == "main_backdoor.py" else -1  # the backdoor's class is the target label
@@ -281,7 +314,8 @@ def build_config(ns: argparse.Namespace, script: str) -> RunConfig:
     data = DataConfig(dataset=values["dataset"], root=values["data"], num_classes=derived,
                       batch_size=values["batch_size"], augment=not values["no_aug"], download=not values["no_download"],
                       split_mode=values["split"], class_to_replace=values["class_to_replace"],
-                      num_indexes_to_replace=values["num_indexes_to_replace"], seed=values["seed"])
+                      num_indexes_to_replace=values["num_indexes_to_replace"], seed=values["seed"],
+                      train_subset=values["train_subset"])
     forget_script = script in FORGET_SCRIPTS
     save_dir = _checked(values["save_dir"], "--save_dir", directory=True)
     result_json = values.get("result_json")
@@ -289,9 +323,19 @@ def build_config(ns: argparse.Namespace, script: str) -> RunConfig:
         result_json = _checked(result_json, "--result_json", directory=False)
     if script == "main_forget.py":
         target = Path(values["mask"]) if values["mask"] else None
+        if target is not None and target.is_dir():
+            raise UserError(f"--mask '{target}' is a directory; pass the original model's checkpoint file")
         if target is not None and not target.is_file():
             raise UserError(f"--mask '{target}' does not exist; allowed: an original model checkpoint "
                             f"(main_baseline.py writes one; mlflow_forget.py trains it when missing)")
+    elif forget_script and values["mask"] and not Path(values["mask"]).is_file():
+        # trained into --mask when missing: the path must take a file, known now rather than after the training
+        check_output_path(values["mask"], "--mask", directory=False)
+    mask_path = hp.get("mask_path")
+    if mask_path and getattr(resolved.cls, "computes_missing_mask", False) and not Path(mask_path).is_file():
+        # the method computes the missing mask file and writes it there after its Retrain and original models
+        check_output_path(mask_path, "--mask_path", directory=False)
+    check_num_ref_models(values["mia"], values["num_ref_models"])
     output = OutputConfig(save_dir=save_dir, result_json=result_json,
                           save_model=not values.get("no_save_model", False), plots=not values.get("no_plots", False),
                           progress=not values["no_progress"], resume=values["resume"])
@@ -300,8 +344,13 @@ def build_config(ns: argparse.Namespace, script: str) -> RunConfig:
         track = bool(os.environ.get("MLFLOW_TRACKING_URI")) if forget_script else False
     tracking = TrackingConfig(enabled=bool(track), experiment=values.get("experiment"),
                               run_name=values.get("run_name"), parent_run_id=values.get("parent_run_id"))
+    epoch_eval_metrics = values.get("epoch_eval_metrics", "all")
+    if epoch_eval_metrics != "all" and values.get("no_epoch_eval"):
+        raise UserError(f"--epoch-eval-metrics {epoch_eval_metrics} sets what the per-epoch evaluation computes; "
+                        f"it cannot be combined with --no-epoch-eval")
     evaluation = EvalConfig(mia=values["mia"], num_ref_models=values["num_ref_models"], jobs=values["jobs"],
                             epoch_eval=forget_script and not values.get("no_epoch_eval", False),
+                            epoch_eval_metrics=epoch_eval_metrics,
                             forget_quality=values["forget_quality"])
     extras = {"retrain": values["retrain"]}
     if script == "main_backdoor.py":

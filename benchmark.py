@@ -1,11 +1,11 @@
 """Benchmark every registered unlearning method against Retrain: the project's main job.
 
-    python benchmark.py                      # digits_noisy, random 10 % + class-wise (class 0), seeds 1 2 3
+    python benchmark.py                      # digits_noisy, random 10 % + class-wise, seeds 1 2 3
     python benchmark.py --methods 'NG*' FT --seeds 1 --jobs 2 --out benchmark_out/ng
     python benchmark.py --emit-commands cells.txt   # one mlflow_forget.py line per cell, for SLURM / GNU parallel
     python benchmark.py --executor submitit --cluster slurm --slurm-partition gpu   # one SLURM job per cell
     python benchmark.py --devices cuda:0 cuda:1     # one worker per GPU (default: every visible GPU)
-    python benchmark.py --tune --trials 4 --jobs 2 --out benchmark_out/tuned   # equal-budget search, then held-out table
+    python benchmark.py --tune --trials 4 --jobs 2 --out benchmark_out/tuned  # equal-budget search, held-out table
 
 Trains what is missing (the original model per seed, the Retrain reference per forget setting and seed), runs each
 method configuration once per cell (aliases of one configuration run once), and writes <out>/results.md and
@@ -18,9 +18,11 @@ configs/benchmark_<dataset>.json (the hand-chosen values), when present, and --g
 expanded as a cartesian product).
 
 Exit status: 0 when the table holds a result for at least one method cell and no cell hit an unexpected error; 1 when a
-cell raised an unexpected error (a bug: see <out>/logs/) or when every method cell failed (nothing to compare); 2 for
-bad input (one line on stderr, before anything is trained or written). A killed tracked benchmark leaves its parent
-mlflow run RUNNING; the next invocation on the same --out marks it KILLED.
+cell raised an unexpected error (a bug, a dead worker: see <out>/logs/) or when every method cell failed (nothing to
+compare); 2 for bad input (one line on stderr, before anything is trained or written), for an --out that another
+benchmark holds (<out>/benchmark.lock says which), or for an --out that stops being writable. A killed tracked
+benchmark leaves its parent mlflow run RUNNING; the next invocation on the same --out marks it KILLED. Failures, the
+lock and the cells' thread count: docs/sweep.md.
 """
 from __future__ import annotations
 
@@ -29,17 +31,23 @@ import os
 import sys
 from pathlib import Path
 
-from arg_parser import POSITIVE_INT as _positive, OneLineErrorParser, forget_quality_models, number
-from dataset import list_datasets
+from arg_parser import POSITIVE_INT as _positive
+from arg_parser import OneLineErrorParser, forget_quality_models, number
+from dataset import check_train_subset, list_datasets
 from models import list_models
 from scenarios import SCENARIOS
-from scenarios.classwise import CLASSWISE_CLASS
+from scenarios.classwise import RESERVED_CLASSES
 from sweep import Settings, Sweep, check_output_path, default_config_path, load_settings_file
 from sweep.executors import add_execution_flags, execution_settings
+from sweep.grid import check_classes
+from sweep.lock import OutDirLock
 from sweep.tune import add_tune_flags, check_tune_args, plan_from_args, run_tune
-from utils import cli_main
+from tracking import how_to_browse, open_tracker
+from unlearn import match_methods
+from utils import UserError, cli_main
 
 _fraction = number(float, 0, 1, low_open=True, high_open=True)
+_class = number(int, 0)  # a class index
 
 
 
@@ -62,17 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scenarios", nargs="+", default=["random", "classwise"], choices=list(SCENARIOS),
                    metavar="SCENARIO", help=f"forget scenarios ({', '.join(SCENARIOS)}; default random classwise)")
     g.add_argument("--methods", nargs="+", default=["*"], metavar="NAME",
-                   help="method names or glob patterns (default: every registered method; retrain is the reference row)")
+                   help="method names or glob patterns (default: every registered method; "
+                        "retrain is the reference row)")
     g.add_argument("--seeds", nargs="+", type=_positive, default=None,
-                   help="seeds (default 1 2 3; with --tune: 1-5 for random, 1-3 for class-wise forgetting)")
+                   help="seeds, one independent replication each: seed s also initialises its models (--train_seed "
+                        "s) and picks its class-wise class (default 1 2 3; with --tune: 1-11)")
     g.add_argument("--grid", default=None, metavar="FILE",
-                   help='per-method hyper-parameter grid, JSON {"method": {"unlearn_lr": [..], "unlearn_epochs": [..]}}')
+                   help='per-method hyper-parameter grid, '
+                        'JSON {"method": {"unlearn_lr": [..], "unlearn_epochs": [..]}}')
     g.add_argument("--config", default=None, metavar="FILE",
                    help="per-method hyper-parameters (default: configs/benchmark_<dataset>.json when present)")
     g.add_argument("--forget_fraction", type=_fraction, default=0.1,
                    help="random forgetting: fraction of the training split to forget (default 0.1)")
-    g.add_argument("--forget_class", type=int, default=CLASSWISE_CLASS,
-                   help=f"class-wise forgetting: the class to forget (default {CLASSWISE_CLASS})")
+    g.add_argument("--forget_classes", nargs="+", type=_class, default=None, metavar="CLASS",
+                   help=f"class-wise forgetting: the pool each seed draws its class from, seed s forgetting the "
+                        f"((s - 1) mod n)-th of the n classes (default: every class except the tuning classes "
+                        f"{' '.join(map(str, RESERVED_CLASSES))}, or --tune-classes with --tune)")
+    g.add_argument("--forget_class", type=_class, default=None, metavar="CLASS",
+                   help="class-wise forgetting: forget this one class for every seed instead (no --tune)")
     g = p.add_argument_group("budget (defaults: the dataset's recipe and each method's own)")
     g.add_argument("--epochs", type=_positive, default=None, help="training epochs of the original and Retrain models")
     g.add_argument("--unlearn_epochs", type=_positive, default=None, help="unlearning epochs of every method")
@@ -97,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default="../data", help="dataset root")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--no-download", dest="no_download", action="store_true", help="never try to download data")
+    g.add_argument("--train_subset", type=_positive, default=None, metavar="N",
+                   help="every cell trains on a stratified subset of N training images (fashion_mnist, cifar10, "
+                        "cifar100, svhn); forget fractions are of the subset's training split")
     g.add_argument("--no-progress", dest="no_progress", action="store_true", help="hide the progress bar")
     add_tune_flags(p)
     add_execution_flags(p)
@@ -108,24 +126,40 @@ def main(argv=None) -> int:
     check_output_path(args.out, "--out", directory=True)
     if args.emit_commands:
         check_output_path(args.emit_commands, "--emit-commands", directory=False)
+    match_methods(args.methods)  # an unknown name or pattern stops here, before the out dir is locked (created)
     grid = load_settings_file(Path(args.grid), "--grid file") if args.grid else {}
+    for dataset in args.datasets:
+        check_train_subset(dataset, args.train_subset)
     execution = execution_settings(args)
     check_tune_args(args, _num_classes(args) if args.tune else {})
+    if not args.tune:
+        _check_class_flags(args)
     plan = plan_from_args(args) if args.tune else None
     settings = Settings(
         datasets=args.datasets, archs=args.archs, scenarios=args.scenarios, methods=args.methods,
         seeds=args.seeds or [1, 2, 3],
         out=Path(args.out), data=args.data, device=args.device, epochs=args.epochs, unlearn_epochs=args.unlearn_epochs,
         width=args.width, forget_fraction=args.forget_fraction, forget_class=args.forget_class,
+        forget_classes=tuple(args.forget_classes) if args.forget_classes is not None else None,
         epoch_eval=args.epoch_eval, forget_quality=args.forget_quality, grid=grid,
         config=Path(args.config) if args.config else None,
-        jobs=args.jobs or _default_jobs(), rerun=args.rerun, **execution, no_download=args.no_download)
+        jobs=args.jobs or _default_jobs(), rerun=args.rerun, **execution, no_download=args.no_download,
+        train_subset=args.train_subset,
+        test=args.test)
     experiment = args.experiment or f"benchmark-{'+'.join(args.datasets)}"
     tracker = experiment_id = None
-    if args.track:  # checked before anything is trained or written
-        from tracking import open_tracker
-
+    if args.track:  # an unreachable store is one line, before the out dir is locked (created) or anything trained
         tracker, experiment_id = open_tracker(experiment)
+    if args.emit_commands:  # writes one file and runs nothing: no out dir to hold
+        return _run(args, argv, settings, plan, tracker, experiment_id)
+    command = ["benchmark.py", *(sys.argv[1:] if argv is None else argv)]
+    with OutDirLock(settings.out, command):  # one benchmark per --out: a second one stops here, exit 2
+        return _run(args, argv, settings, plan, tracker, experiment_id)
+
+
+def _run(args, argv, settings: Settings, plan, tracker, experiment_id) -> int:
+    """Everything after the checks of the command line, with the out dir held."""
+    experiment = args.experiment or f"benchmark-{'+'.join(args.datasets)}"
     if plan is not None:
         return _run_tune(settings, plan, tracker, experiment_id, args, argv)
     for dataset in settings.datasets:  # say where the hyper-parameters come from
@@ -159,8 +193,6 @@ def main(argv=None) -> int:
           f"{len(outcome.errors)} errors; {outcome.seconds:.0f} s -> {settings.out / 'results.md'}, "
           f"{settings.out / 'results.csv'}")
     if tracker is not None and not getattr(tracker, "broken", None):
-        from tracking import how_to_browse
-
         print(how_to_browse(tracker.uri, experiment_id))
     for message in outcome.failed + outcome.errors:
         print(f"failed: {message}")
@@ -170,6 +202,18 @@ def main(argv=None) -> int:
         print(f"failed: no method cell has a result; see {settings.out / 'logs'}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_class_flags(args) -> None:
+    """The class-wise flags of a plain benchmark, before any work (the cells check them again per dataset)."""
+    if args.forget_class is not None and args.forget_classes is not None:
+        raise UserError("--forget_class fixes one class for every seed, --forget_classes is the pool each seed draws "
+                        "its class from; pass one of them")
+    for dataset in args.datasets:
+        if args.forget_class is not None:
+            check_classes(dataset, [args.forget_class], "--forget_class")
+        elif args.forget_classes is not None:
+            check_classes(dataset, args.forget_classes, "--forget_classes")
 
 
 def _num_classes(args) -> dict[str, int]:

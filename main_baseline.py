@@ -1,8 +1,8 @@
 """Train the original model (or, with --retrain, the Retrain reference on the retain set).
 
-    python -u main_baseline.py --data ./data --dataset cifar10 --arch resnet18 --save_dir ./results/cifar10 --epochs 10 \
-        --num_indexes_to_replace 4500
-    python main_baseline.py --dataset digits --save_dir results/digits            # offline, about a minute on 2 CPU cores
+    python -u main_baseline.py --data ./data --dataset cifar10 --arch resnet18 --save_dir ./results/cifar10 \
+        --epochs 10 --num_indexes_to_replace 4500
+    python main_baseline.py --dataset digits --save_dir results/digits    # offline, about a minute on 2 CPU cores
 """
 from arg_parser import parse_config
 from pipeline.stages import prepare, train_reference

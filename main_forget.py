@@ -1,8 +1,9 @@
 """Unlearn a trained model with any registered method and evaluate it against the Retrain reference.
 
-    python -u main_forget.py --save_dir ./results/cifar10 --mask ./results/cifar10/1resnet18_ep100model_SA_best.pth.tar \
-        --unlearn VarGrad --unlearn_epochs 4 --unlearn_lr 0.0001 --data ./data --dataset cifar10 --seed 1 \
-        --arch resnet18 --epochs 100 --num_indexes_to_replace 450 --beta 0.9 --quantile 0.55 --class_to_replace -1
+    python -u main_forget.py --save_dir ./results/cifar10 \
+        --mask ./results/cifar10/1resnet18_ep100model_SA_best.pth.tar --unlearn VarGrad --unlearn_epochs 4 \
+        --unlearn_lr 0.0001 --data ./data --dataset cifar10 --seed 1 --arch resnet18 --epochs 100 \
+        --num_indexes_to_replace 450 --beta 0.9 --quantile 0.55 --class_to_replace -1
 Writes {save_dir}/{unlearn}eval_result.json and {save_dir}/{unlearn}checkpoint.pth.tar.
 """
 from arg_parser import parse_config

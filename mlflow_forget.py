@@ -1,8 +1,9 @@
 """Unlearn with any registered method, evaluate after every unlearning epoch, and track the run with mlflow.
 
-    python -u mlflow_forget.py --save_dir ./results/cifar10 --mask ./results/cifar10/1resnet18_ep100model_SA_best.pth.tar \
-        --unlearn VarGrad --unlearn_epochs 4 --unlearn_lr 0.0001 --data ./data --dataset cifar10 --seed 1 \
-        --arch resnet18 --epochs 100 --num_indexes_to_replace 450 --beta 0.9 --quantile 0.55 --class_to_replace -1
+    python -u mlflow_forget.py --save_dir ./results/cifar10 \
+        --mask ./results/cifar10/1resnet18_ep100model_SA_best.pth.tar --unlearn VarGrad --unlearn_epochs 4 \
+        --unlearn_lr 0.0001 --data ./data --dataset cifar10 --seed 1 --arch resnet18 --epochs 100 \
+        --num_indexes_to_replace 450 --beta 0.9 --quantile 0.55 --class_to_replace -1
     (offline: --dataset digits or digits_noisy)
 
 A missing original model at --mask is trained first with --epochs (as main_baseline.py would), and so is a missing

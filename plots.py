@@ -109,7 +109,8 @@ def plot_epoch_curves(curves: list[dict], path: str | Path, title: str = "", ref
     left.set_xlabel("unlearning epoch"), left.set_ylabel("%")
     left.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     if any("avg_gap" in entry for entry in curves):
-        right.plot(epochs, [entry.get("avg_gap", math.nan) for entry in curves], marker="o", color="k", label="Avg. Gap")
+        right.plot(epochs, [entry.get("avg_gap", math.nan) for entry in curves], marker="o", color="k",
+                   label="Avg. Gap")
         right.axhline(0.0, color="grey", linewidth=0.8)
         right.set_ylabel("Avg. Gap to Retrain (points)")
         right.legend(loc="upper left", fontsize=8)
@@ -278,4 +279,82 @@ def plot_method_curves(curves: dict[str, dict[str, dict]], path: str | Path, tit
         axes[row][-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
                              borderaxespad=0.0, title="mean; band = min-max over seeds", title_fontsize=7)
     fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_forest(panels: dict[str, dict[str, list[dict]]], path: str | Path, title: str = "") -> Path:
+    """Paired differences per comparison: one row of panels per scenario, one panel per family (masked vs base, vs
+    SalUn); a dot at the mean difference in Avg. Gap with its interval as a bar, the zero line (no difference), the
+    comparisons sorted by their mean. Filled dot: significant after the family's correction; hollow: not significant;
+    grey: no verdict (the units cannot reach significance).
+
+    `panels[scenario][family]` = [{"label", "mean", "low", "high", "significant": True | False | None, "n"}, ...]."""
+    plt = pyplot()
+    scenarios = list(panels)
+    families = list(dict.fromkeys(family for entry in panels.values() for family in entry))
+    longest = max((len(members) for entry in panels.values() for members in entry.values()), default=1)
+    fig, axes = plt.subplots(len(scenarios), len(families), squeeze=False,
+                             figsize=(7.5 * len(families), max(2.5, 0.3 * longest + 1.6) * len(scenarios)))
+    for row, scenario in enumerate(scenarios):
+        for col, family in enumerate(families):
+            ax = axes[row][col]
+            members = sorted((m for m in panels[scenario].get(family, []) if math.isfinite(m["mean"])),
+                             key=lambda m: m["mean"])
+            for rank, member in enumerate(members):
+                colour = "#7f7f7f" if member["significant"] is None else "#1f77b4"
+                if math.isfinite(member["low"]) and math.isfinite(member["high"]):
+                    ax.plot([member["low"], member["high"]], [rank, rank], color=colour, linewidth=1.5)
+                ax.plot(member["mean"], rank, marker="o", markersize=6, color=colour,
+                        markerfacecolor=colour if member["significant"] else "white")
+            ax.set_yticks(range(len(members)), [m["label"] for m in members], fontsize=8)
+            ax.set_ylim(len(members) - 0.5 if members else 0.5, -0.5)  # most negative (first closer) on top
+            ax.axvline(0.0, color="k", linewidth=1)
+            units = sorted({m["n"] for m in members})
+            unreachable = members and all(m["significant"] is None for m in members)
+            ax.set_title(f"{scenario}: {family} ({'/'.join(map(str, units)) or 0} seeds"
+                         f"{'; no verdict reachable' if unreachable else ''})", fontsize=10)
+            ax.set_xlabel("difference in Avg. Gap, first minus second (< 0: first closer to Retrain)", fontsize=8)
+            ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_sensitivity(panel: dict[str, dict], path: str | Path, title: str = "",
+                     score_label: str = "best tuning score") -> Path:
+    """How robust each method is to its step size: for one scenario, each configuration's best mean tuning-cell score
+    (its best epoch) against the learning rate of each trial, one line per configuration on a log x axis; the SGD
+    baselines on the left panel (the one-shot methods search strengths, not step sizes), the masking family
+    (bi-objective bases and their masks) on the right.
+    Lower is better. A trial without a finite candidate (diverged from its first epoch) leaves a gap; a configuration
+    whose epochs are a design dimension (horizon-dependent) is drawn dashed with "(epochs vary)" in its label.
+
+    `panel[config]` = {"runs" (e.g. "NGPlus + prob"), "masking_family", "horizon_dependent",
+    "points": [(lr, score), ...]}."""
+    from matplotlib.ticker import NullFormatter  # matplotlib is imported when a figure is drawn (utils.pyplot)
+
+    plt = pyplot()
+    groups = (("baselines", False), ("masking family", True))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.2), squeeze=False)
+    styles = member_styles([(config, family_of(entry["runs"])) for config, entry in panel.items()])
+    for ax, (name, masking) in zip(axes[0], groups):
+        drawn = 0
+        for config, entry in sorted(panel.items(), key=lambda item: (family_of(item[1]["runs"]), item[0].lower())):
+            if bool(entry["masking_family"]) != masking or not entry["points"]:
+                continue
+            points = sorted(entry["points"])
+            style = styles[config]
+            label = config + (" (epochs vary)" if entry.get("horizon_dependent") else "")
+            ax.plot([p[0] for p in points], [p[1] for p in points], color=style["color"], marker=style["marker"],
+                    linestyle="--" if entry.get("horizon_dependent") else style["linestyle"], markersize=4,
+                    linewidth=1.3, label=label)
+            drawn += 1
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labels on the decades only: minor labels overlap
+        ax.set_xlabel("learning rate (trial)")
+        ax.set_ylabel(score_label)
+        ax.set_title(f"{name} ({drawn} configurations)", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        if drawn:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)

@@ -25,8 +25,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlparse
 
 from utils import UserError, atomic_write_text, file_lock, to_jsonable
@@ -60,7 +61,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 # ---------------------------------------------------------------------------------------------------------------------
 
 def tracking_uri(environ: dict | None = None) -> str:
-    """MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; relative SQLite paths are resolved against the working directory."""
+    """MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; relative SQLite paths are resolved against the working
+    directory."""
     uri = (environ if environ is not None else os.environ).get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
@@ -96,7 +98,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                             f"set MLFLOW_TRACKING_URI or pass --no-track")
 
 
-def open_tracker(experiment: str, uri: str | None = None) -> tuple["MlflowTracker", str]:
+def open_tracker(experiment: str, uri: str | None = None) -> tuple[MlflowTracker, str]:
     """Check the backend, then get or create the experiment. Returns the tracker and the experiment id."""
     uri = uri or tracking_uri()
     check_tracking_uri(uri)
@@ -323,7 +325,7 @@ class MlflowTracker:
 
     def start_run(self, experiment_id: str, run_name: str, params: dict | None = None, tags: dict | None = None,
                   parent_run_id: str | None = None, description: str | None = None,
-                  start_time_ms: int | None = None) -> "MlflowRun | NullRun":
+                  start_time_ms: int | None = None) -> MlflowRun | NullRun:
         """`start_time_ms` (unix ms): when the work began, for runs logged after the fact (default: now)."""
         all_tags = {k: str(v) for k, v in (tags or {}).items()}
         all_tags.setdefault("mlflow.source.git.commit", all_tags.get("git_commit", ""))
@@ -424,7 +426,7 @@ class MlflowRun:
 
 def log_result_run(tracker: MlflowTracker, experiment_id: str, name: str, result: dict, result_file: Path,
                    params: dict, tags: dict, parent_run_id: str | None = None, plots: Iterable[Path] = (),
-                   times_ms: tuple[int, int] | None = None) -> "MlflowRun | NullRun":
+                   times_ms: tuple[int, int] | None = None) -> MlflowRun | NullRun:
     """Log a finished result (a benchmark cell computed in a worker) as a run: the same params, per-epoch metrics
     (from its "curves", else the final metrics at step = epochs run), Retrain reference metrics, tags and artifacts as
     a live mlflow_forget.py run. Start and end are the work's own (`times_ms`, else the result's `started_at` /

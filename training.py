@@ -1,30 +1,48 @@
 """The training loop shared by the original model, the Retrain reference and the attack reference models.
 
-SGD with momentum and weight decay, step decay (MultiStepLR semantics: lr * 0.1^(milestones passed), stepped per epoch),
-optional linear warm-up, best-by-validation copy, and an exact resume: the last checkpoint holds the model, the optimiser
-state, the epoch, the history and the state of the run-owned shuffling generator, so a resumed run ends with the same
-weights as an uninterrupted one.
+SGD with momentum and weight decay, step decay (MultiStepLR semantics: lr * 0.1^(milestones passed), stepped per
+epoch), optional linear warm-up, best-by-validation copy, and an exact resume: the last checkpoint holds the model, the
+optimiser state, the epoch, the history and the state of the run-owned shuffling generator, so a resumed run ends with
+the same weights as an uninterrupted one.
 
 A rolling checkpoint also records the settings it was trained with (the caller's metadata, the recipe, the shuffling
-seed, the dataset, the trained samples and the augmentation). A resume continues only a checkpoint whose settings equal the requested ones: continuing
-another dataset's or another recipe's run would silently produce a model that claims settings it was not trained with.
+seed, the dataset, the trained samples and the augmentation). A resume continues only a checkpoint whose settings
+equal the requested ones: continuing another dataset's or another recipe's run would silently produce a model that
+claims settings it was not trained with.
+The same settings come back in `TrainResult.settings`; a finished reference model's checkpoint records them, so a
+Retrain model is reused only by a run of the same recipe (`first_difference` is the one comparison of both).
 """
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dataset import SplitData, TensorLoader
-from utils import (DivergenceError, Stopwatch, UserError, atomic_torch_save, batch_channels_last, check_amp,
-                   forward_precision, load_checkpoint, make_generator, pyplot, save_figure, sha256_of_array,
-                   temporarily_eval, to_channels_last, to_jsonable)
+from utils import (
+    DivergenceError,
+    Stopwatch,
+    UserError,
+    atomic_torch_save,
+    batch_channels_last,
+    check_amp,
+    forward_precision,
+    load_checkpoint,
+    make_generator,
+    pyplot,
+    save_figure,
+    sha256_of_array,
+    temporarily_eval,
+    to_channels_last,
+    to_jsonable,
+)
 
 
 @dataclass
@@ -65,6 +83,7 @@ class TrainResult:
     best_val: float
     history: dict = field(default_factory=dict)  # lists per epoch: train_loss, train_acc, val_acc, lr
     seconds: float = 0.0            # training time of all epochs, including those before an interruption
+    settings: dict = field(default_factory=dict)  # what the model was trained with (`resume_settings`)
 
 
 # Metadata keys that describe the circumstances of a run rather than what is trained: a resume may differ in them.
@@ -100,12 +119,23 @@ def check_resumable(path: str | Path, requested: dict[str, Any]) -> dict:
     if not isinstance(recorded, dict):
         raise UserError(f"cannot resume from '{path}': it does not record the settings it was trained with (written by "
                         f"an older version), so it cannot be checked against this run; run without --resume")
+    difference = first_difference(recorded, requested)
+    if difference is not None:
+        key, have, want = difference
+        raise UserError(f"cannot resume from '{path}': it was trained with {key}={have!r} but this run requests "
+                        f"{key}={want!r}; resume with the same settings, or run without --resume to start over")
+    return state
+
+
+def first_difference(recorded: dict[str, Any], requested: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first requested setting (`resume_settings`) that the recorded ones lack or hold with another value, as
+    (key, recorded value, requested value); None when a model trained with `recorded` is the one `requested` asks for.
+    The one comparison of training settings: a resume uses it, and so does the reuse of a finished Retrain model."""
     for key, want in requested.items():
         have = recorded.get(key, NOT_RECORDED)
         if have != want:
-            raise UserError(f"cannot resume from '{path}': it was trained with {key}={have!r} but this run requests "
-                            f"{key}={want!r}; resume with the same settings, or run without --resume to start over")
-    return state
+            return key, have, want
+    return None
 
 
 def make_optimizer(model: torch.nn.Module, recipe: TrainRecipe) -> torch.optim.SGD:
@@ -211,7 +241,7 @@ def train_model(model: torch.nn.Module, data: SplitData, recipe: TrainRecipe, se
         if on_epoch:
             on_epoch(epoch + 1, {"train_loss": loss, "train_acc": acc, "val_acc": val_acc, "lr": recipe.lr_at(epoch)})
     return TrainResult(model=model, best_state=best_state, best_epoch=best_epoch, best_val=best_val, history=history,
-                       seconds=seconds_before + watch.seconds)
+                       seconds=seconds_before + watch.seconds, settings=settings)
 
 
 def plot_history(history: dict, path: str | Path, title: str = "", selected_epoch: int | None = None,

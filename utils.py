@@ -14,8 +14,9 @@ import random
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,12 @@ import torch
 
 class UserError(Exception):
     """Bad input from the user. Entry scripts print the message as one line and exit with status 2."""
+
+
+class EnvironmentUserError(UserError):
+    """A UserError caused by the environment rather than by the input: data files missing where downloads are off, a
+    folder that cannot be written. Reported like any UserError; a sweep does not remember it as the cell's failure,
+    since the cause may be gone at its next invocation."""
 
 
 class DivergenceError(RuntimeError):
@@ -83,7 +90,7 @@ class Stopwatch:
         self.device = device or torch.device("cpu")
         self.seconds = 0.0
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         synchronize(self.device)
         self._start = time.perf_counter()
         return self
@@ -152,7 +159,8 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise UserError(f"cannot write to directory '{directory}' ({exc.strerror or exc}); pass a writable --save_dir") from exc
+        raise EnvironmentUserError(f"cannot write to directory '{directory}' ({exc.strerror or exc}); pass a writable "
+                                   f"--save_dir") from exc
     return directory
 
 
@@ -243,22 +251,35 @@ def file_lock(target: str | os.PathLike) -> Iterator[None]:
     """An exclusive POSIX lock on the hidden file `.<name>.lock` next to `target` (lockf also works on NFS, where
     sweeps often run).
 
-    The lock file is removed on release, so a process that arrives later may lock a fresh file while a waiter still
-    holds the old one: the work done under the lock must be idempotent, i.e. every holder re-checks the state of
-    `target` after acquiring (trained already? database migrated already?) and skips what is done.
+    The lock file is removed on release. A waiter that was blocked on the removed file would otherwise hold a lock
+    on a file nobody else sees while a later arrival locks a fresh one: so after acquiring, a holder checks that the
+    path still names the file it locked, and starts again when it does not. The work done under the lock should
+    still re-check the state of `target` after acquiring (trained already? database migrated already?): the holder
+    before may have done it.
     """
     import fcntl
 
     target = Path(target)
     lock_path = target.with_name(f".{target.name}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.lockf(handle, fcntl.LOCK_EX)
+    while True:
+        handle = open(lock_path, "a")
         try:
-            yield
+            fcntl.lockf(handle, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(handle.fileno()).st_ino:
+                continue  # released and removed while this process waited: lock the file that is there now
+            try:
+                yield
+            finally:
+                lock_path.unlink(missing_ok=True)
+                fcntl.lockf(handle, fcntl.LOCK_UN)
+            return
         finally:
-            lock_path.unlink(missing_ok=True)
-            fcntl.lockf(handle, fcntl.LOCK_UN)
+            handle.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -359,4 +380,4 @@ def check_output_path(path: str | os.PathLike, what: str, directory: bool) -> No
             raise UserError(f"{what} '{path}': '{existing}' is a file, so the {kind} cannot be created there; pass "
                             f"a path below a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{what} '{path}': directory '{existing}' is not writable; pass a writable path")
+        raise EnvironmentUserError(f"{what} '{path}': directory '{existing}' is not writable; pass a writable path")

@@ -63,7 +63,7 @@ rates are exact float64 fractions (that code averages in float32).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -57,21 +57,53 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from dataset import ImageData, Split, SplitData
-from evaluation.attacks import (RMIA_DEFAULT_A, attack_summary, lira_offline, lira_online, rmia_scores,
-                                roc_curve_points, tune_rmia_a, ulira_accuracy, ulira_scores)
-from evaluation.reference_models import (ReferenceConfig, ReferenceModels, TrainTask, attack_pool_data,
-                                         checkpoint_matches, derived_seed, ensure_reference_models, model_seeds,
-                                         model_signals, npz_bytes, single_thread, train_models, training_split)
-from utils import (DivergenceError, UserError, atomic_write_bytes, load_checkpoint, make_generator, set_seed,
-                   pyplot, save_figure, sha256_of_array)
+from evaluation.attacks import (
+    RMIA_DEFAULT_A,
+    attack_summary,
+    lira_offline,
+    lira_online,
+    rmia_scores,
+    roc_curve_points,
+    tune_rmia_a,
+    ulira_accuracy,
+    ulira_scores,
+)
+from evaluation.reference_models import (
+    ReferenceConfig,
+    ReferenceModels,
+    TrainTask,
+    attack_pool_data,
+    checkpoint_matches,
+    derived_seed,
+    ensure_reference_models,
+    model_seeds,
+    model_signals,
+    npz_bytes,
+    single_thread,
+    train_models,
+    training_split,
+)
+from utils import (
+    DivergenceError,
+    UserError,
+    atomic_write_bytes,
+    file_lock,
+    load_checkpoint,
+    make_generator,
+    pyplot,
+    save_figure,
+    set_seed,
+    sha256_of_array,
+)
 
 MIA_CHOICES = ("svc", "lira", "rmia", "ulira", "all")
 ATTACKS_OF = {"svc": (), "lira": ("lira_online", "lira_offline"), "rmia": ("rmia",), "ulira": ("ulira",),
@@ -87,6 +119,28 @@ def selected_attacks(mia: str) -> tuple[str, ...]:
     if mia not in ATTACKS_OF:
         raise UserError(f"unknown --mia '{mia}'; allowed: {', '.join(MIA_CHOICES)}")
     return ATTACKS_OF[mia]
+
+
+def check_num_ref_models(mia: str, num_models: int) -> None:
+    """The reference-model count the attacks of `mia` need, checked once here (the command line calls it before any
+    work): LiRA and U-LiRA estimate a variance from two IN or two OUT values per example (K >= 3), and every attack
+    needs each example both in and out of some model (K >= 2)."""
+    attacks = selected_attacks(mia)
+    if any(a.startswith("lira") or a == "ulira" for a in attacks) and num_models < 3:
+        raise UserError(f"--mia {mia} needs --num_ref_models >= 3 (LiRA's variance needs two IN or two OUT values per "
+                        f"example); got {num_models}")
+    if attacks and num_models < 2:
+        raise UserError(f"--mia {mia} needs --num_ref_models >= 2 (every example needs IN and OUT reference models); "
+                        f"got {num_models}")
+
+
+def check_forget_inside_training(mia: str, split: Split) -> None:
+    """The per-example attacks ask about forget samples as members of the original model: every one must be in its
+    training split (not so under `--split upstream`). Checked as soon as the split is known, before any training."""
+    outside = int((~np.isin(split.forget, split.train)).sum()) if selected_attacks(mia) else 0
+    if outside:
+        raise UserError(f"per-example attacks need the forget set inside the original model's training split; "
+                        f"{outside} forget samples are outside it (use --split consistent)")
 
 
 def summary(scores: np.ndarray, is_member: np.ndarray) -> dict[str, float]:
@@ -120,7 +174,7 @@ class Candidates:
     is_forget: np.ndarray   # bool, True for the forget candidates
 
     @classmethod
-    def of(cls, split: Split, num_train: int) -> "Candidates":
+    def of(cls, split: Split, num_train: int) -> Candidates:
         forget, test = np.asarray(split.forget, np.int64), np.asarray(split.test, np.int64)
         if len(forget) == 0 or len(test) == 0:
             raise UserError("per-example attacks need a non-empty forget set and test set")
@@ -212,20 +266,22 @@ def ensure_retrained_shadows(refs: ReferenceModels, shadow_forgets: list[np.ndar
     digest = sha256_of_array(np.concatenate([np.r_[len(f), f] for f in shadow_forgets]))[:12]
     directory = refs.directory / f"ulira_retrained_{digest}"
     paths = [directory / f"retrain_{k:03d}.pth.tar" for k in range(refs.num_models)]
-    if not (directory / "shadow_forget.npz").is_file():
-        atomic_write_bytes(directory / "shadow_forget.npz",
-                           npz_bytes(**{f"forget_{k:03d}": f for k, f in enumerate(shadow_forgets)}))
-    missing = [k for k, path in enumerate(paths) if not checkpoint_matches(path, digest, k)]
-    if missing:
-        log(f"U-LiRA: training {len(missing)} of {refs.num_models} retrained shadow models into {directory}")
-        tasks = []
-        for k in missing:
-            init_seed, shuffle_seed = model_seeds(refs.config.design_seed, k)
-            members = np.setdiff1d(refs.pool[refs.in_mask[k]], shadow_forgets[k])
-            tasks.append(TrainTask(path=str(paths[k]), members=members, init_seed=init_seed, shuffle_seed=shuffle_seed,
-                                   metadata={"kind": "ulira_retrained", "cache_key": digest, "index": k,
-                                             "reference_key": refs.directory.name}))
-        train_models(tasks, attack_pool_data(data), refs.config, jobs=jobs, batch_size=batch_size, log=log)
+    with file_lock(directory):  # one holder per folder: concurrent runs train each shadow once
+        if not (directory / "shadow_forget.npz").is_file():
+            atomic_write_bytes(directory / "shadow_forget.npz",
+                               npz_bytes(**{f"forget_{k:03d}": f for k, f in enumerate(shadow_forgets)}))
+        missing = [k for k, path in enumerate(paths) if not checkpoint_matches(path, digest, k)]
+        if missing:
+            log(f"U-LiRA: training {len(missing)} of {refs.num_models} retrained shadow models into {directory}")
+            tasks = []
+            for k in missing:
+                init_seed, shuffle_seed = model_seeds(refs.config.design_seed, k)
+                members = np.setdiff1d(refs.pool[refs.in_mask[k]], shadow_forgets[k])
+                tasks.append(TrainTask(path=str(paths[k]), members=members, init_seed=init_seed,
+                                       shuffle_seed=shuffle_seed,
+                                       metadata={"kind": "ulira_retrained", "cache_key": digest, "index": k,
+                                                 "reference_key": refs.directory.name}))
+            train_models(tasks, attack_pool_data(data), refs.config, jobs=jobs, batch_size=batch_size, log=log)
     return paths, missing, time.perf_counter() - start
 
 
@@ -356,13 +412,8 @@ def evaluate_per_example_mia(mia: str, *, data: ImageData, split: Split, splits:
     attacks = selected_attacks(mia)
     if not attacks:
         return {}
-    if any(a.startswith("lira") or a == "ulira" for a in attacks) and config.num_models < 3:
-        raise UserError(f"LiRA needs --num_ref_models >= 3 (a variance needs two IN or two OUT values per example); "
-                        f"got {config.num_models}")
-    outside = int((~np.isin(split.forget, split.train)).sum())
-    if outside:
-        raise UserError(f"per-example attacks need the forget set inside the original model's training split; "
-                        f"{outside} forget samples are outside it (use --split consistent)")
+    check_num_ref_models(mia, config.num_models)
+    check_forget_inside_training(mia, split)
     num_train = len(data.train_labels)
     candidates = Candidates.of(split, num_train)
     refs = ensure_reference_models(config, data, split, cache_root, jobs=jobs, batch_size=splits.batch_size, log=log)

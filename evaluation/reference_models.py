@@ -23,7 +23,9 @@ Design (LiRA's, Carlini et al. 2022, adapted to unlearning; docs/attacks.md):
   covers dataset, architecture, width, class count, recipe, augmentation, K, the design seed and a hash of the pool
   indices (so a cache built for another training split or recipe is never reused); the forget set is not part of it,
   so one cache serves every forget set, method, run and sweep on the same training split. Every file is written
-  atomically; models already present are reused, so an interrupted build resumes where it stopped.
+  atomically; models already present are reused, so an interrupted build resumes where it stopped. The whole
+  build (membership, training, signals) runs under one lock per cache folder (`utils.file_lock`), so two runs on
+  one training split train each model once: the later one waits and then reads what the first one wrote.
 * **Parallelism.** With `jobs > 1`, models train in `jobs` worker processes (multiprocessing, spawn), each with
   `torch.set_num_threads(1)`. On CPU the sequential path also trains with one thread (restored afterwards): thread
   count changes float reduction order, and one thread is what makes parallel and sequential builds bit-identical.
@@ -36,12 +38,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import multiprocessing
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,8 +54,16 @@ from dataset import ImageData, Split, SplitData, TensorLoader
 from evaluation.attacks import logit_confidence
 from models import create_model
 from training import TrainRecipe, train_model
-from utils import (UserError, atomic_torch_save, atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_of_array,
-                   temporarily_eval)
+from utils import (
+    UserError,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_lock,
+    load_checkpoint,
+    sha256_of_array,
+    temporarily_eval,
+)
 
 CACHE_SUBDIR = "ref_models"
 CACHE_VERSION = 1
@@ -323,16 +335,10 @@ def checkpoint_matches(path: Path, key: str, index: int) -> bool:
     return payload.get("cache_key") == key and payload.get("index") == index
 
 
-def ensure_reference_models(config: ReferenceConfig, data: ImageData, split: Split, cache_root: str | Path,
-                            jobs: int = 1, batch_size: int = 256,
-                            log: Callable[[str], None] = print) -> ReferenceModels:
-    """Load the K reference models of (config, training split) from the cache, training the missing ones."""
-    start = time.perf_counter()
-    device = data.train_images.device
-    pool = pool_indices(split, len(data.train_labels), len(data.test_labels))
-    directory, fields = cache_directory(cache_root, config, pool)
-    key = fields["key"]
-    in_mask = balanced_membership(len(pool), config.num_models, config.design_seed)
+def _build_or_load(config: ReferenceConfig, data: ImageData, directory: Path, fields: dict, pool: np.ndarray,
+                   in_mask: np.ndarray, jobs: int, batch_size: int, log: Callable[[str], None]) -> ReferenceModels:
+    """The body of `ensure_reference_models`, run under the folder's lock."""
+    device, key = data.train_images.device, fields["key"]
     membership_file = directory / "membership.npz"
     if membership_file.is_file():
         with np.load(membership_file) as stored:
@@ -378,13 +384,26 @@ def ensure_reference_models(config: ReferenceConfig, data: ImageData, split: Spl
     with np.load(signals_file) as stored:
         refs.phi, refs.prob = stored["phi"], stored["prob"]
         refs.train_seconds_total = float(stored["train_seconds"].sum())
+    return refs
+
+
+def ensure_reference_models(config: ReferenceConfig, data: ImageData, split: Split, cache_root: str | Path,
+                            jobs: int = 1, batch_size: int = 256,
+                            log: Callable[[str], None] = print) -> ReferenceModels:
+    """Load the K reference models of (config, training split) from the cache, training the missing ones."""
+    start = time.perf_counter()
+    pool = pool_indices(split, len(data.train_labels), len(data.test_labels))
+    directory, fields = cache_directory(cache_root, config, pool)
+    in_mask = balanced_membership(len(pool), config.num_models, config.design_seed)
+    # One holder at a time per cache folder: two runs on one split train each model once (the second waits, then
+    # finds every model and the signals on disk), and nobody reads a signals file while another run rewrites it.
+    with file_lock(directory):
+        refs = _build_or_load(config, data, directory, fields, pool, in_mask, jobs, batch_size, log)
     refs.seconds_now = time.perf_counter() - start
     return refs
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     return buffer.getvalue()

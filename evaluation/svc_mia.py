@@ -57,8 +57,12 @@ def svc_attack(shadow_in: np.ndarray, shadow_out: np.ndarray, targets_in: np.nda
 
 
 def svc_mia(shadow_train: tuple, shadow_test: tuple, target_train: tuple | None = None,
-            target_test: tuple | None = None) -> dict[str, float]:
-    """SVC_MIA of upstream on (probs, labels) pairs; returns the five fractions in [0, 1]."""
+            target_test: tuple | None = None, features: tuple[str, ...] = FEATURES) -> dict[str, float]:
+    """SVC_MIA of upstream on (probs, labels) pairs; returns the fractions in [0, 1] of `features` (default all five).
+    Each feature's SVC is fit on its own, so asking for fewer features gives the same values for those it returns."""
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown or not features:
+        raise ValueError(f"svc_mia: unknown feature(s) {unknown}; allowed: {', '.join(FEATURES)}")
     feats = {name: mia_features(*pair) if pair is not None else None
              for name, pair in (("shadow_train", shadow_train), ("shadow_test", shadow_test),
                                 ("target_train", target_train), ("target_test", target_test))}
@@ -66,5 +70,5 @@ def svc_mia(shadow_train: tuple, shadow_test: tuple, target_train: tuple | None 
         f: svc_attack(feats["shadow_train"][f], feats["shadow_test"][f],
                       None if feats["target_train"] is None else feats["target_train"][f],
                       None if feats["target_test"] is None else feats["target_test"][f])
-        for f in FEATURES
+        for f in features
     }

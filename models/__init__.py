@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .normalize import Normalize
-from .registry import MODEL_REGISTRY, ModelConfigError, create_model, list_models, register_model
-
 # Importing the architecture modules registers their factories.
 from . import resnet as _resnet  # noqa: F401  (registers resnet18, resnet50)
 from . import resnet_cifar as _resnet_cifar  # noqa: F401  (registers resnet20s)
 from . import vgg as _vgg  # noqa: F401  (registers vgg16_bn)
+from .normalize import Normalize
+from .registry import MODEL_REGISTRY, ModelConfigError, create_model, list_models, register_model
 
 __all__ = [
     "MODEL_REGISTRY",
@@ -37,7 +36,8 @@ def get_classifier(model: nn.Module) -> nn.Linear:
     elif isinstance(getattr(model, "fc", None), nn.Module):
         layer = model.fc
     else:
-        raise ModelConfigError(f"{type(model).__name__} has neither an `fc` attribute nor a `classifier_layer()` method")
+        raise ModelConfigError(f"{type(model).__name__} has neither an `fc` attribute "
+                               "nor a `classifier_layer()` method")
     if not isinstance(layer, nn.Linear):
         raise ModelConfigError(f"{type(model).__name__}'s classifier is a {type(layer).__name__}, expected nn.Linear")
     return layer

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ def _as_channel_buffer(values, in_channels: int, default: float, what: str) -> t
 class Normalize(nn.Module):
     """(x - mean) / std per channel, with `mean` and `std` as buffers shaped (1, C, 1, 1)."""
 
-    def __init__(self, in_channels: int, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+    def __init__(self, in_channels: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
         mean_buffer = _as_channel_buffer(mean, in_channels, 0.0, "mean")
         std_buffer = _as_channel_buffer(std, in_channels, 1.0, "std")

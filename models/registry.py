@@ -4,7 +4,7 @@ Kept separate from `models/__init__.py` so that the architecture modules can imp
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch.nn as nn
 
@@ -12,7 +12,7 @@ from utils import UserError
 
 ModelFactory = Callable[..., nn.Module]
 
-MODEL_REGISTRY: Dict[str, ModelFactory] = {}
+MODEL_REGISTRY: dict[str, ModelFactory] = {}
 
 
 class ModelConfigError(UserError, ValueError):
@@ -44,9 +44,9 @@ def create_model(
     arch: str,
     num_classes: int,
     in_channels: int = 3,
-    width: Optional[int] = None,
-    mean: Optional[Sequence[float]] = None,
-    std: Optional[Sequence[float]] = None,
+    width: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> nn.Module:
     """Build a registered model. Initialisation draws from the global torch RNG, so it is reproducible under
     `torch.manual_seed`. `mean`/`std` (length `in_channels`) are the dataset's normalisation constants; the model
@@ -58,5 +58,6 @@ def create_model(
     if not _is_int(in_channels) or in_channels < 1:
         raise ModelConfigError(f"in_channels must be an int >= 1; got {in_channels!r}")
     if width is not None and (not _is_int(width) or width < 1):
-        raise ModelConfigError(f"width must be a positive int (or omitted for the architecture's default); got {width!r}")
+        raise ModelConfigError(f"width must be a positive int (or omitted for the architecture's default); "
+                               f"got {width!r}")
     return MODEL_REGISTRY[arch](num_classes=num_classes, in_channels=in_channels, width=width, mean=mean, std=std)

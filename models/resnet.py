@@ -1,7 +1,7 @@
 """torchvision-style ResNet-18 / ResNet-50 with the CIFAR stem (3x3 stride-1 conv, no max-pool)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Type, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
         super().__init__()
         self.conv1 = _conv3x3(in_planes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -44,7 +44,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
         super().__init__()
         self.conv1 = _conv1x1(in_planes, planes)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -68,13 +68,13 @@ class ResNet(nn.Module):
 
     def __init__(
         self,
-        block: Type[Union[BasicBlock, Bottleneck]],
+        block: type[BasicBlock | Bottleneck],
         blocks_per_stage: Sequence[int],
         num_classes: int,
         in_channels: int = 3,
         width: int = DEFAULT_WIDTH,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ):
         super().__init__()
         self.normalize = Normalize(in_channels, mean, std)

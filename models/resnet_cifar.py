@@ -1,7 +1,7 @@
 """CIFAR ResNet of He et al. (2016, section 4.2): 3 stages, option-A (parameter-free) shortcuts."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -56,8 +56,8 @@ class CifarResNet(nn.Module):
         num_classes: int,
         in_channels: int = 3,
         width: int = DEFAULT_WIDTH,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ):
         super().__init__()
         self.normalize = Normalize(in_channels, mean, std)

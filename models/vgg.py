@@ -1,7 +1,7 @@
 """VGG16-BN (configuration D) for small images, with the upstream three-layer 256-unit head."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -11,7 +11,7 @@ from .registry import register_model
 
 DEFAULT_WIDTH = 64
 # Channel counts at the default width; "M" = 2x2 max-pool. Four pools only: no pool after the last block.
-VGG16_CONFIG: List[Union[int, str]] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+VGG16_CONFIG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 HEAD_HIDDEN = 256
 
 
@@ -22,16 +22,16 @@ def _scaled(channels: int, width: int) -> int:
 class VGG(nn.Module):
     def __init__(
         self,
-        config: Sequence[Union[int, str]],
+        config: Sequence[int | str],
         num_classes: int,
         in_channels: int = 3,
         width: int = DEFAULT_WIDTH,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ):
         super().__init__()
         self.normalize = Normalize(in_channels, mean, std)
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         channels = in_channels
         for item in config:
             if item == "M":

@@ -35,7 +35,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -46,8 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset import TensorLoader, load_dataset, make_split, recipe_defaults  # noqa: E402
 from evaluation.attacks import lira_offline, lira_online, roc_auc, tpr_at_fpr  # noqa: E402
-from evaluation.reference_models import (ModelSpec, ReferenceConfig, attack_pool_data,  # noqa: E402
-                                         ensure_reference_models)
+from evaluation.reference_models import ModelSpec, ReferenceConfig, attack_pool_data, ensure_reference_models  # noqa: E402
 from training import TrainRecipe, parse_milestones  # noqa: E402
 from utils import UserError, cli_main, resolve_device, temporarily_eval  # noqa: E402
 

@@ -19,13 +19,12 @@ within 1.05x of the bare loop, a VarGrad step within 1.15x of an NGPlus step.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +35,16 @@ from dataset import ImageData, SplitData, make_split  # noqa: E402
 from models import create_model  # noqa: E402
 from training import TrainRecipe, make_optimizer, train_one_epoch  # noqa: E402
 from unlearn import UnlearnContext, declared_flags, resolve_hyperparameters, resolve_method  # noqa: E402
-from utils import (atomic_write_json, batch_channels_last, device_name, forward_precision, make_generator,  # noqa: E402
-                   resolve_device, synchronize, to_channels_last)
+from utils import (  # noqa: E402
+    atomic_write_json,
+    batch_channels_last,
+    device_name,
+    forward_precision,
+    make_generator,
+    resolve_device,
+    synchronize,
+    to_channels_last,
+)
 
 FULL = {"images": 45_000, "forget": 4_500, "width": 64, "batch_size": 256, "repeats": 3}
 QUICK = {"images": 256, "forget": 64, "width": 4, "batch_size": 64, "repeats": 1}
@@ -63,7 +70,8 @@ def timed(device: torch.device, work: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def alternate(device: torch.device, runs: dict[str, Callable[[], Callable[[], object]]], repeats: int) -> dict[str, float]:
+def alternate(device: torch.device, runs: dict[str, Callable[[], Callable[[], object]]],
+              repeats: int) -> dict[str, float]:
     """Median seconds of each run's timed part. `runs[name]()` prepares (untimed) and returns the work to time; one
     untimed warm-up of each, then the runs alternate within every repetition."""
     for prepare in runs.values():
@@ -187,7 +195,8 @@ def main() -> None:
         print(f"epoch {amp:4s}: ours {train[f'ours_{amp}']:8.3f} s, bare {train[f'bare_{amp}']:8.3f} s, ratio "
               f"{report['loop_over_bare'][amp]:.3f} (target <= {TARGETS['loop_over_bare']})")
     print(f"bf16 epoch scaled to 45,000 images: {report['epoch_seconds_per_45000_images']['ours_bf16']:.2f} s "
-          f"(target < {TARGETS['bf16_epoch_seconds']} s on an H100-class GPU); bf16 speed-up {report['bf16_speedup']:.2f}x")
+          f"(target < {TARGETS['bf16_epoch_seconds']} s on an H100-class GPU); "
+          f"bf16 speed-up {report['bf16_speedup']:.2f}x")
     for amp in AMPS:
         line = ", ".join(f"{label} {steps[f'{label}_{amp}'] * 1000:.1f} ms" for label, _ in STEP_CONFIGS)
         ratios = ", ".join(f"{label} {report['step_ratio_over_ngplus'][f'{label}_{amp}']:.3f}x"

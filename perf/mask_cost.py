@@ -7,10 +7,11 @@ Every (base, mode) gets its own copy of the same initial model, its own Adam opt
 fixed pool of (forget, retain) batches, so the timings compare the update rule only (no data loading). A step is what
 `BiObjectiveMethod.run_epoch` does per batch pair: `step()` plus reading the mask's kept fraction. After a warm-up, the
 configurations are timed in interleaved rounds (each round times every configuration for --steps steps) and the median
-over rounds is reported, which keeps slow drifts of a shared machine from favouring one configuration. The ratio is to the
-base with mode `none` (for NGPlus: plain NegGrad+). "mask ms" times `GradientMask.direction` alone (plus the kept-fraction
-read) on one captured set of gradients. On CPU the default clock is the process's CPU time, so other jobs on a shared
-machine do not inflate the numbers (use --threads 1 there). Budget: NGPlus+prob within 1.3x of NGPlus per step.
+over rounds is reported, which keeps slow drifts of a shared machine from favouring one configuration. The ratio is to
+the base with mode `none` (for NGPlus: plain NegGrad+). "mask ms" times `GradientMask.direction` alone (plus the
+kept-fraction read) on one captured set of gradients. On CPU the default clock is the process's CPU time, so other
+jobs on a shared machine do not inflate the numbers (use --threads 1 there). Budget: NGPlus+prob within 1.3x of NGPlus
+per step.
 """
 from __future__ import annotations
 
@@ -96,13 +97,13 @@ def captured_gradients(method, batch):
 def run_mask(method, gradients, count: int) -> None:
     for _ in range(count):
         method.mask.direction(*gradients)
-        method.mask.kept_count  # as run_epoch records every step (counted on the device, no host sync)
+        _ = method.mask.kept_count  # as run_epoch records every step (counted on the device, no host sync)
 
 
 def run_steps(method, batches, start: int, count: int) -> None:
     for i in range(start, start + count):
         method.step(*batches[i % len(batches)])
-        method.mask.kept_count  # as run_epoch records every step (counted on the device, no host sync)
+        _ = method.mask.kept_count  # as run_epoch records every step (counted on the device, no host sync)
 
 
 def main(argv=None) -> int:
@@ -152,8 +153,10 @@ def main(argv=None) -> int:
     params = count_parameters(initial)
     print(f"{args.arch} width {args.width} ({params:,} parameters, {len(list(initial.parameters()))} tensors) on "
           f"{args.dataset}, batch {args.batch_size}, {device_name(device)}, {torch.get_num_threads()} CPU threads; "
-          f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps; median per step, {clock} clock")
-    print(f"{'base':8s} {'mode':10s} {'ms/step':>9s} {'min':>8s} {'max':>8s} {'ratio':>7s} {'mask ms':>8s} {'kept':>6s}")
+          f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps; "
+          f"median per step, {clock} clock")
+    print(f"{'base':8s} {'mode':10s} {'ms/step':>9s} {'min':>8s} {'max':>8s} {'ratio':>7s} "
+          f"{'mask ms':>8s} {'kept':>6s}")
     for base in args.bases:
         reference = statistics.median(times[base, "none"]) if (base, "none") in times else None
         for mode in args.modes:

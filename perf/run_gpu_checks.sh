@@ -3,11 +3,15 @@
 #   1. perf/gpu_path.py at full size: training epoch vs a bare loop (fp32 and --amp bf16), NGPlus vs VarGrad vs
 #      NGPlus+focus_opt steps, and whether the targets are met (JSON in gpu_path.json);
 #   2. the CUDA-only tests: no synchronisation per step on the GPU (PyTorch's sync detector), channels_last with bf16,
-#      and the masks' CUDA results against the CPU's.
+#      and the masks' CUDA results against the CPU's;
+#   3. perf/fashion_mnist_gpu.py: the Fashion-MNIST GPU recipe with --amp bf16 (original model, Retrain, NGPlus,
+#      VarGrad, SalUn on one seed; JSON in fashion_mnist_gpu.json), reading the four .gz files from $FASHION_MNIST
+#      (default /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist); skipped, and said so, without them.
 # Logs go to $OUT when it is set, else to perf/gpu_checks/. Exit status: non-zero when a step failed (a missed
 # performance target is reported in the log and the JSON, not as a failure).
 #
 #   bash perf/run_gpu_checks.sh
+#   FASHION_MNIST=/path/to/folder-with-the-gz-files bash perf/run_gpu_checks.sh
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -43,8 +47,20 @@ echo "== CUDA-only tests"
     2>&1 | tee "$LOGS/pytest_cuda.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+FMNIST="${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
+echo "== perf/fashion_mnist_gpu.py ($FMNIST)"
+if [ -f "$FMNIST/train-images-idx3-ubyte.gz" ] || [ -f "$FMNIST/FashionMNIST/raw/train-images-idx3-ubyte" ]; then
+    # models and results go to a temporary folder (full-width checkpoints are large); the numbers to the JSON
+    "$PY" perf/fashion_mnist_gpu.py "$FMNIST" --device cuda --json "$LOGS/fashion_mnist_gpu.json" 2>&1 \
+        | tee "$LOGS/fashion_mnist_gpu.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+    echo "skipped: no Fashion-MNIST files in $FMNIST (set FASHION_MNIST=DIR)" | tee "$LOGS/fashion_mnist_gpu.log"
+fi
+
 {
     echo "gpu_path.py: $(grep -E '^targets met' "$LOGS/gpu_path.log" || echo 'no result')"
+    echo "fashion_mnist_gpu.py: $(grep -E '^(targets|skipped)' "$LOGS/fashion_mnist_gpu.log" || echo 'no result')"
     echo "CUDA tests: $(tail -n 1 "$LOGS/pytest_cuda.log")"
     echo "exit status: $status"
 } | tee "$LOGS/summary.txt"

@@ -6,10 +6,11 @@ taken from them, never an argparse namespace.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from training import TrainRecipe, parse_milestones
 
@@ -34,6 +35,7 @@ class DataConfig:
     class_to_replace: int
     num_indexes_to_replace: int | None
     seed: int                             # the run's seed: the forget set is drawn with seed - 1
+    train_subset: int | None = None       # train and val from a stratified subset of this many images (None: all)
 
     @property
     def scenario(self) -> str:
@@ -101,6 +103,7 @@ class EvalConfig:
     num_ref_models: int
     jobs: int
     epoch_eval: bool                      # evaluate after every unlearning epoch (curves)
+    epoch_eval_metrics: str = "all"       # all | selection (the training-pool metrics only: benchmark.py --tune)
     forget_quality: int = 0               # N unlearned vs N retrained models (0 = off)
 
 

@@ -15,8 +15,10 @@ under test, computed by `evaluation.forget_quality` from 2N models.
   adds models, a smaller one reads the first N). They are trained by the attacks' machinery
   (`evaluation.reference_models.train_models`: only what is missing, in `--jobs` worker processes, on the run's
   device), and their confidences and accuracies are cached next to them (`signals_<hash>.npz`, per forget and test
-  set), so a later run reads numbers, not models. U-LiRA's retrained shadows cannot stand in for these: each is
-  trained on half of the attack pool minus a shadow forget set, not on this split's retain set.
+  set), so a later run reads numbers, not models. Models and signals are read and written under one lock on the
+  folder, so runs of one split that ask at the same time train each model once and never interleave their writes.
+  U-LiRA's retrained shadows cannot stand in for these: each is trained on half of the attack pool minus a shadow
+  forget set, not on this split's retain set.
 * **Score.** Per forget example, the logit-scaled confidences of the N unlearned and the N retrained models give an ε
   (`example_epsilons`), ε gives points, the mean is F, and F times the retain and test accuracy ratios (mean over the
   N unlearned models / mean over the N retrained models) is the competition's final score.
@@ -38,26 +40,56 @@ import multiprocessing
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from dataset import ImageData, Split, SplitData, TensorLoader
-from evaluation.forget_quality import (BUCKET_WIDTH, EPSILON_CAP, bucket_scores, check_num_models, example_epsilons,
-                                       final_score, forget_score_from_epsilons, logit_scaled_confidence, num_buckets)
+from evaluation.forget_quality import (
+    BUCKET_WIDTH,
+    EPSILON_CAP,
+    bucket_scores,
+    check_num_models,
+    example_epsilons,
+    final_score,
+    forget_score_from_epsilons,
+    logit_scaled_confidence,
+    num_buckets,
+)
 from evaluation.metrics import predict
-from evaluation.reference_models import (DEFAULT_DESIGN_SEED, ModelSpec, ReferenceConfig, TrainTask, checkpoint_matches,
-                                         derived_seed, npz_bytes, single_thread, train_models)
+from evaluation.reference_models import (
+    DEFAULT_DESIGN_SEED,
+    ModelSpec,
+    ReferenceConfig,
+    TrainTask,
+    checkpoint_matches,
+    derived_seed,
+    npz_bytes,
+    single_thread,
+    train_models,
+)
 from pipeline import paths
 from pipeline.config import RunConfig
 from pipeline.mia import reference_config
 from pipeline.stages import Prepared, Unlearned, load_model
 from unlearn import UnlearnContext, resolve_method, run_unlearning
-from utils import (DivergenceError, UserError, atomic_write_bytes, atomic_write_json, file_lock, load_checkpoint,
-                   make_generator, pyplot, save_figure, set_seed, sha256_of_array)
+from utils import (
+    DivergenceError,
+    UserError,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_lock,
+    load_checkpoint,
+    make_generator,
+    pyplot,
+    save_figure,
+    set_seed,
+    sha256_of_array,
+)
 
 CACHE_VERSION = 1
 # Seed stream of this stage, so its derived seeds never coincide with those of the per-example attacks.
@@ -115,7 +147,7 @@ class Outcomes:
     test_acc: np.ndarray     # (models,)
 
     @classmethod
-    def empty(cls, num_forget: int) -> "Outcomes":
+    def empty(cls, num_forget: int) -> Outcomes:
         return cls(np.zeros((0, num_forget)), np.zeros(0), np.zeros(0))
 
     def __len__(self) -> int:
@@ -174,7 +206,6 @@ def ensure_retrained(config: ReferenceConfig, data: ImageData, splits: SplitData
     split = splits.split
     directory, fields = retrained_directory(cache_root, config, split)
     key = fields["key"]
-    missing: list[int] = []
     with file_lock(directory):
         if not (directory / "config.json").is_file():
             atomic_write_json(directory / "config.json", fields)
@@ -194,7 +225,8 @@ def ensure_retrained(config: ReferenceConfig, data: ImageData, splits: SplitData
                                                  "num_classes": config.model.num_classes,
                                                  "init_seed": init_seed, "shuffle_seed": shuffle_seed}))
             train_models(tasks, data, config, jobs=jobs, batch_size=splits.batch_size, log=log)
-    outcomes = _retrained_outcomes(directory, config, splits, num_models, set(missing))
+        # Under the same lock: another run may be adding its rows to the signals file right now.
+        outcomes = _retrained_outcomes(directory, config, splits, num_models, set(missing))
     return RetrainedModels(directory=directory, outcomes=outcomes, trained_now=missing,
                            seconds=time.perf_counter() - start)
 
@@ -338,7 +370,8 @@ def unlearn_repeatedly(p: Prepared, unl: Unlearned, num_runs: int, jobs: int = 1
             workers.close()  # a clean shutdown (the context manager alone terminates the workers)
             workers.join()
     outcomes = Outcomes(np.stack([done[i][0] for i in range(num_runs)]),
-                        np.array([done[i][1] for i in range(num_runs)]), np.array([done[i][2] for i in range(num_runs)]))
+                        np.array([done[i][1] for i in range(num_runs)]),
+                        np.array([done[i][2] for i in range(num_runs)]))
     identical = bool((outcomes.phi == outcomes.phi[0]).all())
     return UnlearningRuns(outcomes=outcomes, seeds=seeds, diverged=sum(done[i][3] for i in range(num_runs)),
                           identical=identical, seconds=time.perf_counter() - start)

@@ -5,7 +5,6 @@ cached under `{save_dir}/ref_models/`.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from evaluation.per_example_mia import UliraRequest, evaluate_per_example_mia, selected_attacks

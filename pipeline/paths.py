@@ -3,23 +3,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evaluation.reference_models import CACHE_SUBDIR as REFERENCE_CACHE  # under --save_dir
+from evaluation.reference_models import CACHE_SUBDIR
 from pipeline.config import DataConfig, ModelConfig, RunConfig
 
 CHECKPOINT_SUFFIX = ".pth.tar"
+REFERENCE_CACHE = CACHE_SUBDIR  # under --save_dir: the attacks' reference models, forget quality's retrained models
+UPSTREAM_TRAIN_SEED = 1  # --train_seed default: models initialised from it keep upstream's file names
+
+
+def init_tag(model: ModelConfig) -> str:
+    """'' for upstream's initialisation seed, else `_init<train_seed>`: a model initialised from another seed (the
+    benchmark's, whose --train_seed follows --seed) never takes, or is taken for, a file of another initialisation."""
+    return "" if model.train_seed == UPSTREAM_TRAIN_SEED else f"_init{model.train_seed}"
 
 
 def _prefix(data: DataConfig, model: ModelConfig) -> str:
-    return f"{data.seed}{model.arch}_ep{model.epochs}"
+    return f"{data.seed}{model.arch}{init_tag(model)}_ep{model.epochs}"
 
 
 def original_model(save_dir: Path, data: DataConfig, model: ModelConfig) -> Path:
-    """{save_dir}/{seed}{arch}_ep{epochs}model_SA_best.pth.tar: the best-by-validation original model."""
-    return Path(save_dir) / f"{_prefix(data, model)}model_SA_best{CHECKPOINT_SUFFIX}"
+    """{save_dir}/{seed}{arch}_ep{epochs}model_SA_best.pth.tar: the best-by-validation original model (with
+    `_init<train_seed>` after the arch when --train_seed is not upstream's 1, and `_sub<N>` before `model_SA_best` for
+    a --train_subset model, so it never takes a full-data model's place; Retrain models carry it in their split tag)."""
+    subset = "" if data.train_subset is None else f"_sub{data.train_subset}"
+    return Path(save_dir) / f"{_prefix(data, model)}{subset}model_SA_best{CHECKPOINT_SUFFIX}"
 
 
 def original_rolling(best: Path, default_best: Path) -> Path:
-    """The rolling checkpoint that --resume continues: upstream's name next to the default model, else `resume_<name>`."""
+    """The rolling checkpoint that --resume continues: upstream's name next to the default model,
+    else `resume_<name>`."""
     if Path(best) == Path(default_best):
         return Path(best).with_name(Path(best).name.replace(f"model_SA_best{CHECKPOINT_SUFFIX}",
                                                             f"checkpoint{CHECKPOINT_SUFFIX}"))
@@ -32,7 +44,7 @@ def retrain_model(save_dir: Path, data: DataConfig, model: ModelConfig, split_ta
 
 def retrain_pattern(data: DataConfig, model: ModelConfig, split_tag: str) -> str:
     """Glob of the Retrain models of this split trained with any epoch count (the first one found is used)."""
-    return f"{data.seed}{model.arch}_ep*_retrain_{split_tag}model{CHECKPOINT_SUFFIX}"
+    return f"{data.seed}{model.arch}{init_tag(model)}_ep*_retrain_{split_tag}model{CHECKPOINT_SUFFIX}"
 
 
 def retrain_rolling(best: Path) -> Path:

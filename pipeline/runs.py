@@ -6,18 +6,29 @@ benchmark workers and `--no-track` runs never open the tracking store.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from dataset import ImageData
 from pipeline import paths
 from pipeline.config import RunConfig
-from pipeline.mia import per_example_mia
 from pipeline.forget_quality import warn_constant_method, with_forget_quality
-from pipeline.stages import (Diverged, Prepared, ensure_references, evaluate, find_retrain_checkpoint, prepare,
-                             retrain_evaluation, save_diverged, unlearn, write_outputs)
+from pipeline.mia import per_example_mia
+from pipeline.stages import (
+    Diverged,
+    Prepared,
+    ensure_references,
+    evaluate,
+    find_retrain_checkpoint,
+    prepare,
+    retrain_evaluation,
+    save_diverged,
+    unlearn,
+    write_outputs,
+)
 from utils import device_name, git_commit
 
 
@@ -56,7 +67,8 @@ def run_params(config: RunConfig) -> dict[str, Any]:
     d, m = config.data, config.model
     data = {"dataset": d.dataset, "split": d.split_mode, "scenario": d.scenario,
             "forget_class": None if d.class_to_replace == -1 else d.class_to_replace,
-            "forget_count": d.num_indexes_to_replace, "seed": d.seed, "batch_size": d.batch_size, "augment": d.augment}
+            "forget_count": d.num_indexes_to_replace, "seed": d.seed, "batch_size": d.batch_size, "augment": d.augment,
+            "train_subset": d.train_subset}
     train = {"arch": m.arch, "width": m.width, "epochs": m.epochs, "lr": m.lr, "momentum": m.momentum,
              "weight_decay": m.weight_decay, "milestones": m.decreasing_lr, "warmup": m.warmup,
              "train_seed": m.train_seed, "amp": m.amp}
@@ -131,7 +143,8 @@ def tracked_forget(config: RunConfig, tracker, experiment_id: str | None = None,
     retrain_eval, _ = retrain_evaluation(p) if config.method.base != "retrain" else (None, None)
     reference = dict(retrain_eval.metrics) if retrain_eval is not None else None
     started_at = int(time.time() * 1000)
-    handle = tracker.start_run(experiment_id, run_name(config), tags=run_tags(config.flags, p.split.hash, device_name(p.device)),
+    handle = tracker.start_run(experiment_id, run_name(config),
+                               tags=run_tags(config.flags, p.split.hash, device_name(p.device)),
                                parent_run_id=config.tracking.parent_run_id, params=run_params(config),
                                start_time_ms=started_at)
     result_path = paths.forget_result(config)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 # The columns of a scenario's table unless it declares its own: ((result key, title), ...).
 TABLE_METRICS: tuple[tuple[str, str], ...] = (

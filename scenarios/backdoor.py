@@ -27,9 +27,18 @@ import torch
 from dataset import ImageData, Split, SplitData, TensorLoader
 from evaluation import predict
 from pipeline.config import RunConfig, frozen
+from pipeline.paths import init_tag
 from pipeline.runs import run_params, run_tags, tracking_record, unlearn_or_keep_last, with_attacks
-from pipeline.stages import (Prepared, build_model, evaluate, load_data, load_model, model_metadata, prepare,
-                             write_outputs)
+from pipeline.stages import (
+    Prepared,
+    build_model,
+    evaluate,
+    load_data,
+    load_model,
+    model_metadata,
+    prepare,
+    write_outputs,
+)
 from scenarios import Scenario, forget_count, register_scenario
 from training import plot_history, train_model
 from utils import UserError, atomic_torch_save, device_name, file_lock, set_seed, sha256_of_array
@@ -178,7 +187,8 @@ class BackdoorRun:
 
 
 def backdoor_model_path(config: RunConfig, poison: Poison) -> Path:
-    return config.output.save_dir / (f"{config.data.seed}{config.model.arch}_ep{config.model.epochs}_backdoor_t"
+    return config.output.save_dir / (f"{config.data.seed}{config.model.arch}{init_tag(config.model)}_ep"
+                                     f"{config.model.epochs}_backdoor_t"
                                      f"{poison.target}_n{len(poison.indices)}_ts{poison.trigger_size}_"
                                      f"{poison.hash[:8]}model_SA_best.pth.tar")
 
@@ -307,7 +317,8 @@ def run_backdoor(bd: BackdoorRun, tracker=None, experiment_id: str | None = None
     handle = NullRun()
     started_at = int(time.time() * 1000)  # unix ms: a benchmark logs this cell after the fact with its real times
     if tracker is not None:
-        tags = {**run_tags(c.flags, bd.poisoned.split.hash, device_name(bd.poisoned.device)), "scenario": "backdoor", "poison_hash": bd.poison.hash}
+        tags = {**run_tags(c.flags, bd.poisoned.split.hash, device_name(bd.poisoned.device)),
+                "scenario": "backdoor", "poison_hash": bd.poison.hash}
         handle = tracker.start_run(experiment_id, run_name(c), tags=tags, parent_run_id=c.tracking.parent_run_id,
                                    params=run_params(c), start_time_ms=started_at)
         handle.log_metrics({"clean_acc": before["clean_acc"], "asr": before["asr"]}, step=0)

@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweep.settings import Settings, check_output_path, default_config_path, load_settings_file, method_combos
-from sweep.grid import Cell, build_cells, cell_key, compute_split_tags, is_done, read_result, to_argv, train_size
-from sweep.execute import command_line, execute, run_tags
+from sweep.execute import command_line, execute, run_tags, write_cell_file
 from sweep.executors import execution_params, run_cells
+from sweep.grid import Cell, build_cells, cell_key, compute_split_tags, is_done, read_result, to_argv, train_size
 from sweep.report import aggregate, csv_table, markdown_table, write_plots
+from sweep.settings import Settings, check_output_path, default_config_path, load_settings_file, method_combos
 from utils import atomic_write_json, atomic_write_text, git_commit, to_jsonable
 
 __all__ = ["Cell", "Settings", "Sweep", "SweepOutcome", "aggregate", "build_cells", "cell_key", "check_output_path",
@@ -111,9 +111,16 @@ class Sweep:
                 dead.add(cell.key)
                 message = f"{cell.kind} {cell.label or ''} ({cell.dataset}, {cell.scenario}, seed {cell.seed}): " \
                           f"{report['error']} (log: {self.out / 'logs'})"
+                if report["status"] == "failed" and not report.get("permanent"):
+                    message += "; retried at the next invocation"
                 (failed if report["status"] == "failed" else errors).append(message)
-                if report["status"] == "failed" and cell.kind == "method":  # deterministic: remembered, not retried
-                    atomic_write_json(cell.failure_path(self.out), {"error": report["error"], "argv": cell.argv})
+                # The method's own failure (divergence, a refused hyper-parameter) is deterministic: remembered, not
+                # retried. The environment's (missing data, an unwritable folder) may be gone next time: not kept.
+                if report["status"] == "failed" and report.get("permanent") and cell.kind == "method":
+                    # A diverged run's curves up to its last finite epoch stay candidates of a tuning trial.
+                    write_cell_file(cell.failure_path(self.out), {"error": report["error"], "argv": cell.argv,
+                                                                  **({"curves": report["curves"]}
+                                                                     if report.get("curves") else {})})
             bar.update(1)
             bar.set_postfix(computed=computed, reused=reused, failed=len(failed) + len(errors))
 
@@ -127,6 +134,9 @@ class Sweep:
         except KeyboardInterrupt:
             self._end_parent("KILLED")
             raise
+        except BaseException:  # the sweep itself stops (an out dir no longer writable, a bug): no run left RUNNING
+            self._end_parent("FAILED")
+            raise
         finally:
             bar.close()
         rows = aggregate(self.cells, self.out)
@@ -134,13 +144,15 @@ class Sweep:
         if failed or errors:
             notes.append(f"{len(failed) + len(errors)} cell(s) failed in this invocation; see {self.out / 'logs'}.")
         table = markdown_table(rows, notes, self.settings.seeds)
+        forest: list[Path] = []
         if self.paired_comparisons:
-            from sweep.stats import paired_section
+            from sweep.stats import paired_report
 
-            table += paired_section(self.cells, self.out)
+            section, forest = paired_report(self.cells, self.out, self.settings.test)
+            table += section
         files = [atomic_write_text(self.out / "results.md", table), atomic_write_text(self.out / "results.csv",
                                                                                        csv_table(rows))]
-        files += write_plots(rows, self.out)
+        files += write_plots(rows, self.out) + forest
         seconds = time.perf_counter() - start
         summary = {"computed": computed, "reused": reused, "failed": failed, "errors": errors, "seconds": seconds,
                    "jobs": self.settings.jobs, "timings": timings,
@@ -163,13 +175,15 @@ class Sweep:
 
         # What ran, resolved: the method names behind the patterns, each dataset's width and epochs.
         methods = sorted({name for cell in self.cells if cell.kind == "method" for name in cell.names}, key=str.lower)
-        widths = {d: s.width if s.width is not None else recipe_defaults(d).get("width") for d in s.datasets}
-        epochs = {d: s.epochs if s.epochs is not None else recipe_defaults(d).get("epochs") for d in s.datasets}
+        recipes = {d: recipe_defaults(d, s.train_subset) for d in s.datasets}
+        widths = {d: s.width if s.width is not None else recipes[d].get("width") for d in s.datasets}
+        epochs = {d: s.epochs if s.epochs is not None else recipes[d].get("epochs") for d in s.datasets}
         params = {"datasets": s.datasets, "archs": s.archs, "scenarios": s.scenarios, "methods": " ".join(methods),
                   "method_patterns": s.methods, "seeds": s.seeds, "epochs": epochs, "unlearn_epochs": s.unlearn_epochs,
                   "width": widths, "forget_fraction": s.forget_fraction, "forget_class": s.forget_class,
                   "epoch_eval": s.epoch_eval, "forget_quality": s.forget_quality or None, "grid": s.grid or None,
-                  "config": s.config, "out": s.out, "cells": len(self.cells), **execution_params(s)}
+                  "config": s.config, "out": s.out, "cells": len(self.cells), "train_subset": s.train_subset,
+                  "paired_test": s.test, **execution_params(s)}
         import torch
 
         from utils import device_name, resolve_device
@@ -200,8 +214,8 @@ class Sweep:
         params = run_params(config)
         if cell.kind == "reference":
             params["method"] = "Retrain"
-        tags = {**run_tags(result["args"], split_hash=result.get("split_hash", ""), device=result.get("device", "unknown"),
-                           names=cell.names),
+        tags = {**run_tags(result["args"], split_hash=result.get("split_hash", ""),
+                           device=result.get("device", "unknown"), names=cell.names),
                 "cell_key": cell.key, "row": cell.label, "method.config": cell.config}
         name = run_name(config, cell.names)  # every alias of the row: NGradMask=VarGrad-random130-seed1
         plots, times = [], None

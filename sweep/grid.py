@@ -10,6 +10,7 @@ This module is the one place that knows the run's flags and file-name rules (imp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -19,29 +20,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from arg_parser import build_parser, parse_config
-from dataset import TRAIN_SPLIT_SEED, load_dataset, make_split, recipe_defaults, train_val_split
+from dataset import TRAIN_SPLIT_SEED, load_dataset, make_split, num_classes_of, recipe_defaults, training_split
 from pipeline import paths
 from pipeline.config import RunConfig
+from pipeline.stages import find_retrain_checkpoint, prepare
 from scenarios import SCENARIOS
+from scenarios.classwise import class_pool, forget_class_of
 from sweep.settings import default_config_path, load_settings_file, method_combos
 from unlearn import ALIASES, match_methods, resolve_method
+from unlearn.registry import method_flags
 from utils import UserError, to_jsonable
 
 if TYPE_CHECKING:
     from sweep.settings import Settings
 
-__all__ = ["NON_SEMANTIC", "method_flags", "parse_cell", "Cell", "build_cells", "cell_key", "compute_split_tags", "is_done",
-           "models_dir", "read_cell_json", "read_result", "to_argv", "train_size"]
+__all__ = ["NON_SEMANTIC", "method_flags", "parse_cell", "Cell", "build_cells", "cell_key", "check_classes",
+           "class_draw_note", "compute_split_tags", "forget_pool", "is_done", "models_dir", "read_cell_json",
+           "read_result", "to_argv", "train_size"]
 
 CELL_SCRIPT = "mlflow_forget.py"  # a cell is one command line of this script
-
-
-@functools.lru_cache(maxsize=1)
-def method_flags() -> dict[str, str]:
-    """The method hyper-parameter flags (config-file keys) -> hyper-parameter names, from the declarations."""
-    from unlearn.registry import declared_flags
-
-    return {flag: hp.name for flag, hp in declared_flags().items()}
 
 
 def parse_cell(argv: list[str]) -> RunConfig:
@@ -76,6 +73,7 @@ class Cell:
     label: str = ""
     setting: str = ""         # the forget setting, e.g. random130 or class0
     split_tag: str = ""       # Retrain cells: the split's tag (file names), filled in by `compute_split_tags`
+    edges: dict = field(default_factory=dict)  # flag -> "low" / "high": a --tune choice on the edge of its search
 
     def result_path(self, out: Path) -> Path:
         return out / "cells" / f"{self.key}.json"
@@ -127,8 +125,52 @@ def models_dir(settings: Settings, dataset: str, width: int | None) -> Path:
 
 def train_size(dataset: str, settings: Settings) -> int:
     data = load_dataset(dataset, settings.data, download=not settings.no_download)
-    train, _ = train_val_split(data.train_labels.cpu().numpy(), data.num_classes, TRAIN_SPLIT_SEED)
+    train, _ = training_split(data.train_labels.cpu().numpy(), data.num_classes, TRAIN_SPLIT_SEED,
+                              settings.train_subset)
     return len(train)
+
+
+def forget_pool(settings: Settings, dataset: str) -> tuple[int, ...] | None:
+    """The classes the class-wise cells draw from, one per seed (scenarios/classwise.py), or None when
+    `settings.forget_class` fixes one class for every seed. UserError when the pool is empty or leaves the dataset."""
+    if settings.forget_class is not None:
+        check_classes(dataset, [settings.forget_class], "--forget_class")
+        return None
+    count = num_classes_of(dataset)
+    if settings.forget_classes is not None:
+        check_classes(dataset, settings.forget_classes, "--forget_classes")
+        return tuple(sorted(set(settings.forget_classes)))
+    pool = class_pool(count, settings.reserved_classes)
+    if not pool:
+        raise UserError(f"{dataset}: no class is left for class-wise forgetting once the tuning classes "
+                        f"({' '.join(map(str, settings.reserved_classes))}) are set aside; pass --forget_classes")
+    return pool
+
+
+def check_classes(dataset: str, classes, flag: str) -> None:
+    """One-line UserError unless `classes` is a non-empty list of distinct classes of `dataset`."""
+    classes = list(classes)
+    count = num_classes_of(dataset)
+    if not classes:
+        raise UserError(f"{flag}: give at least one class; {dataset} has classes 0-{count - 1}")
+    outside = sorted(c for c in classes if not 0 <= c < count)
+    if outside:
+        raise UserError(f"{flag} {' '.join(map(str, outside))}: {dataset} has classes 0-{count - 1}")
+    if len(set(classes)) != len(classes):
+        raise UserError(f"{flag}: a value is given twice ({' '.join(map(str, classes))})")
+
+
+def _reads_forget_class(scenario, settings: Settings, size: int) -> bool:
+    """Whether a scenario's forget set follows the settings' forget class (class-wise forgetting does)."""
+    return (scenario.forget_flags(dataclasses.replace(settings, forget_class=0), size)
+            != scenario.forget_flags(dataclasses.replace(settings, forget_class=1), size))
+
+
+def class_draw_note(seeds, pool: tuple[int, ...]) -> str:
+    """The table's line saying which class each seed forgot."""
+    drawn = ", ".join(f"seed {seed} -> class {forget_class_of(seed, pool)}" for seed in sorted(seeds))
+    return (f"class-wise: one forgotten class per seed, seed s forgets the ((s - 1) mod {len(pool)})-th class of the "
+            f"pool {' '.join(map(str, pool))}: {drawn}.")
 
 
 def build_cells(settings: Settings) -> tuple[list[Cell], list[str]]:
@@ -158,13 +200,27 @@ def build_cells(settings: Settings) -> tuple[list[Cell], list[str]]:
             sources.append(load_settings_file(config_path, "hyper-parameter file"))
         sources += grid_sources
         size = train_size(dataset, settings)
+        # The class pool matters (and is checked) only where a scenario's forget set is a class.
+        pool = forget_pool(settings, dataset) \
+            if any(_reads_forget_class(SCENARIOS[name], settings, size) for name in settings.scenarios) else None
+        if pool is not None:
+            note = class_draw_note(settings.seeds, pool)
+            if note not in notes:
+                notes.append(note)
         for arch, seed, scenario_name in itertools.product(settings.archs, settings.seeds, settings.scenarios):
             scenario = SCENARIOS[scenario_name]
-            width = settings.width if settings.width is not None else recipe_defaults(dataset).get("width")
-            base = {"dataset": dataset, "arch": arch, "seed": seed, "data": _absolute(settings.data),
-                    "save_dir": _absolute(models_dir(settings, dataset, width)), "epochs": settings.epochs,
+            # Each seed is one independent replication: its original and Retrain models start from their own
+            # initialisation (--train_seed = the seed; the single-run scripts keep upstream's 1) and, unless one class
+            # is fixed, it forgets its own class of the pool.
+            seed_settings = settings if pool is None else dataclasses.replace(settings,
+                                                                              forget_class=forget_class_of(seed, pool))
+            width = settings.width if settings.width is not None else \
+                recipe_defaults(dataset, settings.train_subset).get("width")
+            base = {"dataset": dataset, "arch": arch, "seed": seed, "train_seed": seed,
+                    "data": _absolute(settings.data), "save_dir": _absolute(models_dir(settings, dataset, width)),
+                    "epochs": settings.epochs,
                     "width": settings.width, "device": settings.device, "no_download": settings.no_download,
-                    **scenario.forget_flags(settings, size)}
+                    "train_subset": settings.train_subset, **scenario.forget_flags(seed_settings, size)}
             ref_args = parse_cell(to_argv({**base, "unlearn": "raw"}))
             setting = ref_args.data.forget_setting
             deps: list[str] = []
@@ -195,6 +251,8 @@ def build_cells(settings: Settings) -> tuple[list[Cell], list[str]]:
                     if settings.unlearn_epochs is not None:
                         overrides["unlearn_epochs"] = settings.unlearn_epochs
                     flags = {**base, "unlearn": name, **overrides, "no_epoch_eval": not epoch_eval,
+                             "epoch_eval_metrics": settings.epoch_eval_metrics
+                             if epoch_eval and settings.epoch_eval_metrics != "all" else None,
                              "forget_quality": settings.forget_quality or None}
                     args = parse_cell(to_argv(flags))
                     hp = dict(args.method.hp)
@@ -238,10 +296,12 @@ def _label_cells(cells: list[Cell]) -> None:
 def read_cell_json(path: Path, required: tuple[str, ...] = ()) -> dict | None:
     """The JSON object in a cell file, or None when the file is missing, unreadable, not a JSON object, or lacks a
     required key. Writes are atomic, but a file copied half-way, a full disk outside our writes or a hand edit can
-    still leave `{"UA": 1` or `{}` behind: such a file is no finished cell, it is computed again."""
+    still leave `{"UA": 1` or `{}` behind: such a file is no finished cell, it is computed again. So is any file that
+    cannot be parsed at all: ValueError covers bad UTF-8, bad JSON and numbers too long to convert; RecursionError a
+    file nested deeper than the parser's stack."""
     try:
         payload = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(payload, dict) or any(key not in payload for key in required):
         return None
@@ -263,8 +323,12 @@ def is_done(cell: Cell, out: Path) -> bool:
         if not cell.split_tag:
             return False
         run = parse_cell(cell.argv)
-        # The rule of pipeline.stages.find_retrain_checkpoint (any recipe of this split), as a file check.
-        return any(run.output.save_dir.glob(paths.retrain_pattern(run.data, run.model, cell.split_tag)))
+        if not paths.retrain_model(run.output.save_dir, run.data, run.model, cell.split_tag).is_file():
+            return False
+        # The cell's own rule (pipeline.stages.find_retrain_checkpoint): a Retrain file counts only when its recorded
+        # training settings are this cell's full recipe; one of another recipe is trained again, never reused. The
+        # check reads the data (for the retain set), on the CPU: nothing is trained or evaluated here.
+        return find_retrain_checkpoint(prepare(dataclasses.replace(run, device="cpu"), announce=False)) is not None
     if cell.kind == "original":
         return Path(cell.target).is_file()
     if cell.kind == "method" and read_cell_json(cell.failure_path(out), ("error",)) is not None:
@@ -282,5 +346,5 @@ def compute_split_tags(cells: list[Cell], settings: Settings) -> None:
         if d.dataset not in data_cache:
             data_cache[d.dataset] = load_dataset(d.dataset, d.root, download=d.download)
         split = make_split(data_cache[d.dataset], d.class_to_replace, d.num_indexes_to_replace, seed=d.seed,
-                           split_mode=d.split_mode)
+                           split_mode=d.split_mode, train_subset=d.train_subset)
         cell.split_tag = split.tag

@@ -37,7 +37,8 @@ def aggregate(cells: list[Cell], out: Path) -> list[dict]:
     for cell in cells:
         if cell.kind not in ("method", "reference"):
             continue
-        groups.setdefault((cell.dataset, cell.arch, cell.scenario, cell.label), []).append((cell, read_result(cell, out)))
+        groups.setdefault((cell.dataset, cell.arch, cell.scenario, cell.label), []).append(
+            (cell, read_result(cell, out)))
     rows = []
     for (dataset, arch, scenario, label), members in groups.items():
         results = [r for _, r in members if r is not None]
@@ -71,7 +72,9 @@ def _settings_text(cell: Cell) -> str:
         return "training time as RTE"
     shown = {"lr": cell.hp.get("lr"), "epochs": cell.hp.get("epochs")}
     shown.update({method_flags().get(k, k): v for k, v in cell.overrides.items()})
-    return ", ".join(f"{k}={v}" for k, v in shown.items() if v is not None)
+    edges = {method_flags().get(k, k): side for k, side in cell.edges.items()}  # --tune: a choice on a range edge
+    return ", ".join(f"{k}={v}" + (f" [{edges[k]} edge]" if k in edges else "") for k, v in shown.items()
+                     if v is not None)
 
 
 def _cell_text(row: dict, key: str) -> str:
@@ -100,8 +103,9 @@ def markdown_table(rows: list[dict], notes: list[str], seeds: list[int]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(f"Mean ± sample std over seeds {', '.join(map(str, seeds))}. UA = 100 - forget accuracy; "
-                 f"MIA-Efficacy = SVC-MIA (confidence) on the forget set; Avg. Gap = mean |gap| to Retrain over UA, RA, "
-                 f"TA, MIA-Efficacy; RTE = unlearning wall time (Retrain: its training time). Rows sorted by Avg. Gap.")
+                 f"MIA-Efficacy = SVC-MIA (confidence) on the forget set; "
+                 f"Avg. Gap = mean |gap| to Retrain over UA, RA, TA, MIA-Efficacy; "
+                 f"RTE = unlearning wall time (Retrain: its training time). Rows sorted by Avg. Gap.")
     if quality_models:
         lines.append(f"- {QUALITY_NOTE.format(n=quality_models)}")
     lines += [f"- {SCENARIOS[name].note}" for name in dict.fromkeys(s for _, _, s in sections)

@@ -4,14 +4,14 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from scenarios import SCENARIOS
-from scenarios.classwise import CLASSWISE_CLASS
+from scenarios.classwise import RESERVED_CLASSES
 from unlearn import list_methods
+from unlearn.registry import method_flags
 from utils import UserError, check_output_path  # noqa: F401  (re-exported for the sweep)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -32,8 +32,14 @@ class Settings:
     unlearn_epochs: int | None = None
     width: int | None = None
     forget_fraction: float = 0.1
-    forget_class: int = CLASSWISE_CLASS
+    # Class-wise forgetting: one class for every seed (`forget_class`), or, when None, one class per seed drawn from
+    # `forget_classes` (default: every class not in `reserved_classes`, the tuning classes); see scenarios/classwise.py.
+    forget_class: int | None = None
+    forget_classes: tuple[int, ...] | None = None
+    reserved_classes: tuple[int, ...] = RESERVED_CLASSES
     epoch_eval: str = "all"  # all | masked | none: which methods get per-epoch history
+    # all | selection: what each per-epoch evaluation computes (selection: the training pool only, the tuning trials)
+    epoch_eval_metrics: str = "all"
     forget_quality: int = 0  # N: the competition's forgetting quality per method cell (0 = off)
     grid: dict = field(default_factory=dict)
     config: Path | None = None  # per-method hyper-parameters; default configs/benchmark_<dataset>.json when present
@@ -46,6 +52,8 @@ class Settings:
     slurm: dict = field(default_factory=dict)
     rerun: bool = False
     no_download: bool = False
+    train_subset: int | None = None  # every cell trains on this stratified training subset (None: all the data)
+    test: str = "sign_flip"  # paired comparisons' test (sweep.stats.TESTS)
 
 
 def load_settings_file(path: Path, what: str) -> dict[str, dict]:
@@ -78,9 +86,6 @@ def load_settings_file(path: Path, what: str) -> dict[str, dict]:
 
 
 def _check_flags(entry: dict, where: str) -> None:
-    # Imported here, not at the top: sweep.grid (the one place that knows the run flags) imports this module.
-    from sweep.grid import method_flags
-
     for flag, values in entry.items():
         if flag == "scenarios":
             continue
@@ -102,7 +107,7 @@ def method_combos(name: str, scenario: str, sources: list[dict]) -> list[dict[st
                 for part in (entry, (entry.get("scenarios") or {}).get(scenario, {})):
                     merged.update({k: v if isinstance(v, list) else [v] for k, v in part.items() if k != "scenarios"})
     keys = sorted(merged)
-    return [dict(zip(keys, values)) for values in itertools.product(*(merged[k] for k in keys))]
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(merged[k] for k in keys))]
 
 
 def default_config_path(dataset: str) -> Path:

@@ -14,13 +14,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataset  # noqa: E402
-from conftest import TINY, run_script  # noqa: E402
+from conftest import TINY, run_main, run_script  # noqa: E402
 from evaluation.metrics import evaluate_model  # noqa: E402
 from models import create_model  # noqa: E402
 from training import TrainRecipe, train_model  # noqa: E402
 from unlearn import UnlearnContext, declared_flags, resolve_hyperparameters, resolve_method, run_unlearning  # noqa: E402
-from utils import (UserError, batch_channels_last, forward_precision, make_generator, to_channels_last,  # noqa: E402
-                   uses_channels_last)
+from utils import (  # noqa: E402
+    UserError,
+    batch_channels_last,
+    forward_precision,
+    make_generator,
+    to_channels_last,
+    uses_channels_last,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -209,6 +215,7 @@ def test_evaluation_forward_passes_follow_amp(split_data, autocast_entries):
 # End to end
 
 
+@pytest.mark.slow
 def test_amp_bf16_end_to_end_is_recorded(tmp_path):
     """mlflow_forget.py trains both references, unlearns and evaluates with --amp bf16; the result, the tracking
     params and the checkpoints record it; main_forget.py then reuses those models with the same flag."""
@@ -216,8 +223,8 @@ def test_amp_bf16_end_to_end_is_recorded(tmp_path):
     common = [*TINY, "--save_dir", str(save), "--amp", "bf16", "--class_to_replace", "-1",
               "--num_indexes_to_replace", "50"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_script("mlflow_forget.py", *common, "--unlearn", "VarGrad", "--unlearn_epochs", "2",
-                      env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path, timeout=600)
+    proc = run_main("mlflow_forget.py", *common, "--unlearn", "VarGrad", "--unlearn_epochs", "2",
+                    env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((save / "VarGradeval_result.json").read_text())
     assert result["args"]["amp"] == "bf16"
@@ -231,12 +238,15 @@ def test_amp_bf16_end_to_end_is_recorded(tmp_path):
     (original_file,) = save.glob("*model_SA_best.pth.tar")
     assert torch.load(original_file, weights_only=True)["amp"] == "bf16"
 
-    proc = run_script("main_forget.py", *common, "--unlearn", "FT", "--unlearn_epochs", "1", timeout=300)
+    proc = run_main("main_forget.py", *common, "--unlearn", "FT", "--unlearn_epochs", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "is missing" not in proc.stdout
     assert json.loads((save / "FTeval_result.json").read_text())["args"]["amp"] == "bf16"
 
 
+@pytest.mark.slow
+@pytest.mark.perf
+@pytest.mark.integration
 def test_gpu_path_script_runs_quick_and_writes_its_numbers(tmp_path):
     """perf/gpu_path.py at --quick size on this machine: it runs both precisions and writes every ratio it prints
     (its targets are for a GPU: perf/run_gpu_checks.sh runs it at full size there)."""
@@ -256,7 +266,7 @@ def test_gpu_path_script_runs_quick_and_writes_its_numbers(tmp_path):
 
 def test_bad_amp_flag_is_refused_before_any_work(tmp_path):
     save = tmp_path / "out"
-    proc = run_script("main_forget.py", *TINY, "--save_dir", str(save), "--amp", "fp16", timeout=120)
+    proc = run_main("main_forget.py", *TINY, "--save_dir", str(save), "--amp", "fp16")
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "amp" in proc.stderr
     assert not save.exists()

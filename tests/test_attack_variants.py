@@ -7,7 +7,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_main
 from evaluation.attacks import lira_offline, lira_online
 from evaluation.svc_mia import mia_features
 
@@ -99,13 +99,15 @@ def test_medians_differ_from_means_under_an_outlying_reference():
     assert not np.allclose(mean_scores, median_scores)
 
 
-def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     cache = tmp_path / "cache"
-    proc = run("perf/attack_variants.py", "--num_models", "2", "--cache_dir", str(cache))
+    proc = run_main("perf/attack_variants.py", "--num_models", "2", "--cache_dir", str(cache))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--num_models" in proc.stderr
     assert not cache.exists()
 
 
+@pytest.mark.perf
+@pytest.mark.integration
 def test_tiny_run_prints_every_table(run, tmp_path):
     cache = tmp_path / "cache"
     args = ["--dataset", "digits", "--epochs", "1", "--width", "4", "--num_models", "5", "--jobs", "1",

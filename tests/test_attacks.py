@@ -7,9 +7,21 @@ import torch
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from evaluation.attacks import (RMIA_A_GRID, attack_summary, balanced_accuracy_best_threshold, lira_offline,
-                                lira_online, logit_confidence, rmia_scores, roc_auc, roc_curve_points, tpr_at_fpr,
-                                tune_rmia_a, ulira_accuracy, ulira_scores)
+from evaluation.attacks import (
+    RMIA_A_GRID,
+    attack_summary,
+    balanced_accuracy_best_threshold,
+    lira_offline,
+    lira_online,
+    logit_confidence,
+    rmia_scores,
+    roc_auc,
+    roc_curve_points,
+    tpr_at_fpr,
+    tune_rmia_a,
+    ulira_accuracy,
+    ulira_scores,
+)
 from utils import UserError
 
 # The hand case: members [3, 4, 5, 6] vs non-members [0, 1, 2, 3.5].

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import scenarios.backdoor as bd
-from dataset import load_dataset, make_split, to_unit_float
+from dataset import make_split, to_unit_float
 from utils import UserError, atomic_torch_save, load_checkpoint
 
 RECIPE = ["--dataset", "digits", "--width", "8", "--epochs", "15", "--decreasing_lr", "10",
@@ -223,6 +223,8 @@ def ft_run(tmp_path_factory):
     return save_dir, proc, root
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_main_backdoor_trains_the_backdoor_and_ft_removes_it(ft_run):
     save_dir, proc, root = ft_run
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -262,6 +264,7 @@ def test_main_backdoor_trains_the_backdoor_and_ft_removes_it(ft_run):
     assert result["tracking"]["run_id"] == tracked.info.run_id
 
 
+@pytest.mark.slow
 def test_masked_method_removes_the_backdoor_without_retraining(ft_run, one_thread, tmp_path):
     save_dir, proc, _ = ft_run
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -276,6 +279,7 @@ def test_masked_method_removes_the_backdoor_without_retraining(ft_run, one_threa
     assert "tracking" not in result  # no --track, and MLFLOW_TRACKING_URI is not set here
 
 
+@pytest.mark.slow
 def test_a_mask_from_another_poisoning_or_a_clean_model_is_refused(ft_run, tmp_path):
     save_dir, proc, _ = ft_run
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -304,6 +308,7 @@ BAD_INPUT = [
 ]
 
 
+@pytest.mark.integration
 def test_bad_input_from_the_command_line(run, tmp_path):
     """A real process once; the other cases go through the same `cli_main` in this process (interpreter start-up is
     most of a failing run's time)."""
@@ -335,6 +340,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys,
 # benchmark.py --scenarios backdoor
 # ---------------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_benchmark_backdoor_scenario_table(ft_run, run, tmp_path):
     """One seed, VarGrad; the backdoored model of the fixture is placed where the sweep looks for it (same seed,
     recipe name and poisoning), so the cell only unlearns. No original or Retrain model is trained for this scenario."""
@@ -347,9 +354,9 @@ def test_benchmark_backdoor_scenario_table(ft_run, run, tmp_path):
     model = next(save_dir.glob("*_backdoor_*model_SA_best.pth.tar"))
     shutil.copy(model, models / model.name)
     (tmp_path / "grid.json").write_text(json.dumps({"VarGrad": {"unlearn_lr": 0.003}}))
-    common = ["--datasets", "digits", "--scenarios", "backdoor", "--methods", "VarGrad", "--seeds", "1", "--epochs", "15",
-              "--width", "8", "--grid", str(tmp_path / "grid.json"), "--out", str(tmp_path / "out"), "--no-track",
-              "--no-progress"]
+    common = ["--datasets", "digits", "--scenarios", "backdoor", "--methods", "VarGrad", "--seeds", "1",
+              "--epochs", "15", "--width", "8", "--grid", str(tmp_path / "grid.json"), "--out", str(tmp_path / "out"),
+              "--no-track", "--no-progress"]
     # The cells: no original / Retrain references; an emitted command line runs main_backdoor.py.
     from scenarios import SCENARIOS
     from sweep import Settings, build_cells, command_line

@@ -11,9 +11,16 @@ import torch.nn.functional as F
 
 import dataset
 from models import create_model, get_classifier
-from unlearn import (ALIASES, UnlearnContext, declared_flags, method_hparams, resolve_hyperparameters, resolve_method,
-                     run_unlearning)
-from unlearn import common
+from unlearn import (
+    ALIASES,
+    UnlearnContext,
+    common,
+    declared_flags,
+    method_hparams,
+    resolve_hyperparameters,
+    resolve_method,
+    run_unlearning,
+)
 from unlearn import one_shot as os_
 from unlearn import sgd_baselines as sb
 from utils import DivergenceError, UserError, make_generator
@@ -210,7 +217,9 @@ def test_augmentation_policy(random_data):
 def test_methods_train_in_train_mode(random_data):
     method = build("GA", tiny(), random_data, {"epochs": 1})
     seen = []
-    method.model.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    # Forwards that build a graph are the training steps; the divergence guard's probe runs in eval mode, no grad.
+    method.model.register_forward_pre_hook(
+        lambda module, args: seen.append(module.training) if torch.is_grad_enabled() else None)
     run_unlearning(method, 1, progress=False)
     assert seen and all(seen)
 
@@ -398,8 +407,8 @@ def test_salun_computes_saves_and_reuses_its_mask(random_data, tmp_path):
     assert sum(int(m.sum()) for m in saved.values()) == int(0.3 * total)
     expected = sb.saliency_mask(sb.forget_gradient_saliency(model, random_data.eval_loader("forget")), 0.3)
     assert all(torch.equal(saved[n], expected[n]) for n in expected)
-    second = build("SalUn", copy.deepcopy(model), random_data, {"epochs": 1, "mask_path": str(tmp_path / "salun_mask_0.3.pt")},
-                   artifacts=tmp_path / "other")
+    second = build("SalUn", copy.deepcopy(model), random_data,
+                   {"epochs": 1, "mask_path": str(tmp_path / "salun_mask_0.3.pt")}, artifacts=tmp_path / "other")
     run_unlearning(second, 1, progress=False)
     assert not (tmp_path / "other").exists()  # reused, not recomputed
     for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
@@ -408,7 +417,8 @@ def test_salun_computes_saves_and_reuses_its_mask(random_data, tmp_path):
 
 def test_masks_refused_where_they_cannot_apply(random_data, tmp_path):
     model = tiny()
-    path = common.save_mask(tmp_path / "m.pt", {n: torch.ones(p.shape, dtype=torch.bool) for n, p in model.named_parameters()})
+    path = common.save_mask(tmp_path / "m.pt",
+                            {n: torch.ones(p.shape, dtype=torch.bool) for n, p in model.named_parameters()})
     for name in ("boundary_expanding", "SalUn_soft", "fisher_new", "SSD"):
         with pytest.raises(UserError, match="mask_path cannot be used with") as info:  # before any work
             build(name, copy.deepcopy(model), random_data, {"epochs": 1, "mask_path": str(path)})
@@ -581,9 +591,11 @@ def test_fisher_noise_parameters_follow_upstream():
     torch.testing.assert_close(var, expected)
     assert mu[1].tolist() == [0.0, 0.0] and mu[0].tolist() == [1.0, 1.0]
     conv = torch.ones(4, 2, 3, 3)
-    _, var_conv = os_.fisher_noise_parameters(conv, torch.full((4, 2, 3, 3), 2.0), alpha=1.0, num_classes=3, forget_row=1)
+    _, var_conv = os_.fisher_noise_parameters(conv, torch.full((4, 2, 3, 3), 2.0), alpha=1.0, num_classes=3,
+                                              forget_row=1)
     torch.testing.assert_close(var_conv, torch.full((4, 2, 3, 3), 0.5))  # no x10, no class row
-    _, var_bn = os_.fisher_noise_parameters(torch.ones(4), torch.full((4,), 2.0), alpha=1.0, num_classes=3, forget_row=None)
+    _, var_bn = os_.fisher_noise_parameters(torch.ones(4), torch.full((4,), 2.0), alpha=1.0, num_classes=3,
+                                            forget_row=None)
     torch.testing.assert_close(var_bn, torch.full((4,), 5.0))  # 1-D: x10
 
 
@@ -625,7 +637,8 @@ def test_ssd_dampens_only_where_forget_importance_dominates():
     w = nn.Parameter(torch.tensor([1.0, 2.0, -3.0, 4.0, 5.0]))
     imp_f = torch.tensor([10.0, 5.0, 30.0, 0.0, 100.0])
     imp_r = torch.tensor([1.0, 1.0, 2.0, 0.0, 1.0])
-    # alpha 8: selected where imp_f > 8 imp_r -> entries 0 (10 > 8), 2 (30 > 16), 4 (100 > 8); not 1 (5 < 8), not 3 (0 = 0)
+    # alpha 8: selected where imp_f > 8 imp_r -> entries 0 (10 > 8), 2 (30 > 16), 4 (100 > 8);
+    # not 1 (5 < 8), not 3 (0 = 0)
     fraction = os_.ssd_dampen_([w], [imp_f], [imp_r], alpha=8.0, lam=5.0)
     # factors min(5 * imp_r / imp_f, 1): 0.5, -, 1/3, -, 0.05
     torch.testing.assert_close(w.detach(), torch.tensor([0.5, 2.0, -1.0, 4.0, 0.25]))
@@ -660,7 +673,8 @@ def test_ssd_method_uses_forget_and_full_train_importances(random_data):
         factor = torch.where(where, (0.5 * r / f).clamp(max=1.0), torch.ones_like(f))
         torch.testing.assert_close(p1.detach(), p0.detach() * factor, rtol=1e-4, atol=1e-7)
         selected += int(where.sum())
-    assert selected > 0 and stats["dampened_fraction"] == pytest.approx(selected / sum(p.numel() for p in model.parameters()))
+    assert selected > 0
+    assert stats["dampened_fraction"] == pytest.approx(selected / sum(p.numel() for p in model.parameters()))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -682,6 +696,7 @@ def digits_noisy_run(tmp_path_factory, single_thread):
     return argv, run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["GA", "RL", "SalUn", "NGPlus", "VarGrad"])
 def test_digits_defaults_lower_forget_accuracy(name, digits_noisy_run):
     from arg_parser import parse_config

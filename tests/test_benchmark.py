@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_main
 
 TINY_GRID = ["--datasets", "digits", "--seeds", "1", "2", "--scenarios", "random", "--epochs", "2", "--width", "4",
              "--unlearn_epochs", "1", "--out", "out", "--no-progress"]
@@ -25,6 +25,11 @@ def benchmark(*args: str, cwd: Path, tracking_uri: str | None = None, timeout: i
                           text=True, timeout=timeout)
 
 
+def benchmark_here(*args: str, cwd: Path):
+    """`benchmark` in this process (`run_main`): for runs with --jobs 1, whose cells run in the submitting process."""
+    return run_main("benchmark.py", *args, cwd=cwd, env={"MLFLOW_TRACKING_URI": None, "OMP_NUM_THREADS": "1"})
+
+
 def snapshot(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
@@ -38,6 +43,7 @@ def tiny_sweep(tmp_path_factory):
     return cwd, first
 
 
+@pytest.mark.integration
 def test_table_has_retrain_first_and_means_of_the_result_jsons(tiny_sweep):
     cwd, proc = tiny_sweep
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -71,6 +77,7 @@ def test_table_has_retrain_first_and_means_of_the_result_jsons(tiny_sweep):
     assert (out / "curves_digits_resnet18.png").stat().st_size > 0, "masking family curves (VarGrad has curves)"
 
 
+@pytest.mark.integration
 def test_nested_mlflow_runs(tiny_sweep):
     from mlflow.tracking import MlflowClient
 
@@ -92,6 +99,7 @@ def test_nested_mlflow_runs(tiny_sweep):
     assert "plots/tradeoff_digits_resnet18.png" in plots
 
 
+@pytest.mark.integration
 def test_second_invocation_recomputes_nothing(tiny_sweep):
     from mlflow.tracking import MlflowClient
 
@@ -110,6 +118,7 @@ def test_second_invocation_recomputes_nothing(tiny_sweep):
     assert sum("mlflow.parentRunId" in r.data.tags for r in runs) == 6, "finished cells are not logged twice"
 
 
+@pytest.mark.integration
 def test_rerun_recomputes_only_what_it_is_asked_to(tiny_sweep, tmp_path):
     import shutil
 
@@ -117,8 +126,8 @@ def test_rerun_recomputes_only_what_it_is_asked_to(tiny_sweep, tmp_path):
     assert first.returncode == 0
     shutil.copytree(cwd / "out", tmp_path / "out")  # a moved out dir keeps its finished cells
     before = snapshot(tmp_path / "out" / "cells")
-    proc = benchmark(*TINY_GRID, "--seeds", "1", "--methods", "GA", "--rerun", "--no-track", "--jobs", "1",
-                     "--epoch-eval", "all", cwd=tmp_path)
+    proc = benchmark_here(*TINY_GRID, "--seeds", "1", "--methods", "GA", "--rerun", "--no-track", "--jobs", "1",
+                          "--epoch-eval", "all", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "computed 2 cell(s), reused 2" in proc.stdout  # GA and the Retrain row again; the models are kept
     after = snapshot(tmp_path / "out" / "cells")
@@ -128,6 +137,8 @@ def test_rerun_recomputes_only_what_it_is_asked_to(tiny_sweep, tmp_path):
         {"GA", "retrain"}
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_emit_commands_then_run_one(tmp_path, monkeypatch):
     import benchmark as entry
 
@@ -141,6 +152,9 @@ def test_emit_commands_then_run_one(tmp_path, monkeypatch):
     assert len(lines) == (2 + 1) * 2 * 2, "(GA x 2 learning rates + FT_l1 = FT_prune) x 2 scenarios x 2 seeds"
     assert all("mlflow_forget.py" in line and "--no-track" in line and "--result_json" in line for line in lines)
     assert sum("--unlearn_lr 0.001" in line for line in lines) == 4
+    for line in lines:  # each seed is its own replication: its models are initialised from the seed
+        words = line.split()
+        assert words[words.index("--train_seed") + 1] == words[words.index("--seed") + 1], line
     assert not (tmp_path / "out").exists(), "emitting runs nothing"
 
     # Self-contained: runs from any directory, trains its own references, writes into the sweep's cell store.
@@ -157,7 +171,7 @@ def test_bad_input_is_one_line(tmp_path):
     import benchmark as entry
     from utils import UserError
 
-    proc = benchmark("--methods", "NoSuchMethod*", "--no-track", cwd=tmp_path)
+    proc = benchmark_here("--methods", "NoSuchMethod*", "--no-track", cwd=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "no method matches" in proc.stderr
     bad_grid = tmp_path / "grid.json"
     bad_grid.write_text(json.dumps({"GA": {"learning_rate": [0.1]}}))
@@ -197,6 +211,7 @@ def test_grid_expansion_and_alias_cells(tmp_path):
     assert not tmp_path.exists() or not any(tmp_path.iterdir()), "building the grid writes nothing"
 
 
+@pytest.mark.integration
 def test_damaged_cell_files_are_computed_again(tiny_sweep, tmp_path):
     """A truncated result (`{"UA": 1`) and an empty object are no finished cells: recomputed, and the table is built."""
     import shutil
@@ -208,8 +223,8 @@ def test_damaged_cell_files_are_computed_again(tiny_sweep, tmp_path):
              if json.loads(p.read_text())["args"]["seed"] == 1}
     cells["GA"].write_text('{"UA": 1')
     cells["retrain"].write_text("{}")
-    proc = benchmark(*TINY_GRID, "--seeds", "1", "--methods", "GA", "--no-track", "--jobs", "1", "--epoch-eval", "all",
-                     cwd=tmp_path)
+    proc = benchmark_here(*TINY_GRID, "--seeds", "1", "--methods", "GA", "--no-track", "--jobs", "1", "--epoch-eval",
+                          "all", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "computed 2 cell(s), reused 2" in proc.stdout  # the Retrain row and GA; the models are kept
     assert json.loads(cells["GA"].read_text())["args"]["unlearn"] == "GA"
@@ -218,6 +233,7 @@ def test_damaged_cell_files_are_computed_again(tiny_sweep, tmp_path):
     assert rows["GA"]["seeds"] == "1" and rows["Retrain"]["seeds"] == "1"
 
 
+@pytest.mark.integration
 def test_exit_1_when_every_method_cell_failed(tiny_sweep, tmp_path):
     """GA with a learning rate that blows the weights up diverges (a remembered failure): no method has a result."""
     import shutil
@@ -228,10 +244,10 @@ def test_exit_1_when_every_method_cell_failed(tiny_sweep, tmp_path):
     (tmp_path / "grid.json").write_text(json.dumps({"GA": {"unlearn_lr": 1e30}}))
     args = [*TINY_GRID, "--seeds", "1", "--methods", "GA", "--grid", str(tmp_path / "grid.json"), "--no-track",
             "--jobs", "1"]
-    proc = benchmark(*args, cwd=tmp_path)
+    proc = benchmark_here(*args, cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "computed 1 cell(s), reused 3" in proc.stdout and "1 failed, 0 errors" in proc.stdout
     assert "no method cell has a result" in proc.stderr
     assert "| GA | n/a |" in (tmp_path / "out" / "results.md").read_text()
-    again = benchmark(*args, cwd=tmp_path)  # the failure is remembered, and still nothing to compare
+    again = benchmark_here(*args, cwd=tmp_path)  # the failure is remembered, and still nothing to compare
     assert again.returncode == 1 and "computed 0 cell(s), reused 4" in again.stdout

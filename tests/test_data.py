@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset import (SplitData, TensorLoader, crop_flip, load_dataset, make_split, train_val_split)
+from dataset import SplitData, TensorLoader, crop_flip, load_dataset, make_split, train_val_split
 from utils import UserError, make_generator
 
 

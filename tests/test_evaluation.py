@@ -53,7 +53,10 @@ def test_svc_mia_separable_members_are_found():
 
 def test_svc_mia_indistinguishable_is_near_chance():
     rng = np.random.RandomState(1)
-    draw = lambda n: _probs(rng.uniform(0.1, 1.0, n))
+
+    def draw(n):
+        return _probs(rng.uniform(0.1, 1.0, n))
+
     out = svc_mia(draw(400), draw(400), draw(400), draw(400))
     assert abs(out["confidence"] - 0.5) < 0.08
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,15 +51,18 @@ def recorded_imports(folder: Path) -> dict[int, set[str]]:
     return {int(p.name): set(p.read_text().split()) for p in folder.iterdir()}
 
 
-def run_recorded(cwd: Path, *args: str) -> tuple[subprocess.Popen, str, dict[int, set[str]]]:
-    """benchmark.py with the import recorder in every process it starts; tracked in ./mlflow.db."""
+def run_recorded(cwd: Path, *args: str, threads: str = "1") -> tuple[subprocess.Popen, str, dict[int, set[str]]]:
+    """benchmark.py with the import recorder in every process it starts; tracked in ./mlflow.db. `threads`: the
+    process's OMP_NUM_THREADS ("" leaves torch's default, every core)."""
     hook, log = cwd / "hook", cwd / "imports"
     hook.mkdir()
     log.mkdir()
     (hook / "sitecustomize.py").write_text(IMPORT_RECORDER)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmark.py"), *GRID, *args], cwd=cwd,
-                            env=environment(hook, IMPORT_LOG=str(log)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    env = environment(hook, IMPORT_LOG=str(log), OMP_NUM_THREADS=threads)
+    if not threads:
+        del env["OMP_NUM_THREADS"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmark.py"), *GRID, *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate(timeout=500)
     assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     return proc, stdout, recorded_imports(log)
@@ -66,11 +70,14 @@ def run_recorded(cwd: Path, *args: str) -> tuple[subprocess.Popen, str, dict[int
 
 @pytest.fixture(scope="module")
 def both_executors(tmp_path_factory):
-    """The same small benchmark (two methods, two seeds) on the local pool and as submitit jobs."""
+    """The same small benchmark (two methods, two seeds) on the local pool, as submitit jobs, and in the submitting
+    process (--jobs 1) with torch's default thread count: every cell fixes its own (--threads 1)."""
     runs = {}
-    for name, flags in (("local", ["--jobs", "2"]), ("submitit", SUBMITIT_LOCAL)):
+    for name, flags, threads in (("local", ["--jobs", "2"], "1"), ("submitit", SUBMITIT_LOCAL, "1"),
+                                 ("in-process", ["--jobs", "1"], "")):
         cwd = tmp_path_factory.mktemp(name)
-        runs[name] = (cwd, *run_recorded(cwd, "--seeds", "1", "2", "--methods", "GA", "FT", "--out", "out", *flags))
+        runs[name] = (cwd, *run_recorded(cwd, "--seeds", "1", "2", "--methods", "GA", "FT", "--out", "out", *flags,
+                                         threads=threads))
     return runs
 
 
@@ -84,6 +91,8 @@ def without_timing(value):
     return value
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_submitit_jobs_give_the_local_executors_numbers(both_executors):
     tables = {}
     for name, (cwd, _, stdout, _) in both_executors.items():
@@ -92,22 +101,30 @@ def test_submitit_jobs_give_the_local_executors_numbers(both_executors):
                         for row in csv.DictReader((cwd / "out" / "results.csv").open())}
     assert set(tables["local"]) == {"Retrain", "GA", "FT"}
     assert tables["submitit"] == tables["local"]
+    assert tables["in-process"] == tables["local"]
 
     # Cell files: the same bytes but for timings and the out dir the paths name.
     local_cwd, sub_cwd = both_executors["local"][0], both_executors["submitit"][0]
     cells = sorted(p.name for p in (local_cwd / "out" / "cells").iterdir())
-    assert cells == sorted(p.name for p in (sub_cwd / "out" / "cells").iterdir()) and len(cells) == 6
-    for name in cells:
-        local = (local_cwd / "out" / "cells" / name).read_text().replace(str(local_cwd), "<cwd>")
-        sub = (sub_cwd / "out" / "cells" / name).read_text().replace(str(sub_cwd), "<cwd>")
-        assert without_timing(json.loads(sub)) == without_timing(json.loads(local)), name
-        assert json.loads(sub)["args"]["result_json"] == f"out/cells/{name}", "as the cell's command line says"
+    assert len(cells) == 6
+    for other in ("submitit", "in-process"):
+        other_cwd = both_executors[other][0]
+        assert cells == sorted(p.name for p in (other_cwd / "out" / "cells").iterdir()), other
+        for name in cells:
+            local = (local_cwd / "out" / "cells" / name).read_text().replace(str(local_cwd), "<cwd>")
+            theirs = (other_cwd / "out" / "cells" / name).read_text().replace(str(other_cwd), "<cwd>")
+            assert without_timing(json.loads(theirs)) == without_timing(json.loads(local)), (other, name)
+            assert json.loads(theirs)["args"]["result_json"] == f"out/cells/{name}", "as the cell's command line says"
+            assert json.loads(theirs)["args"]["threads"] == 1, "the cell's own thread count, recorded"
 
     jobs = json.loads((sub_cwd / "out" / "jobs.json").read_text())
     assert len(jobs) == 10 and {job["state"] for job in jobs.values()} == {"finished"}
-    assert all(Path(job["stdout"]).is_file() for job in jobs.values()), "submitit's logs are in <out>/submitit"
+    assert all((sub_cwd / "out" / job["stdout"]).is_file() for job in jobs.values()), "in <out>/submitit"
+    assert {job["folder"].split("/")[0] for job in jobs.values()} == {"submitit"}, "relative to the out dir"
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("executor", ["local", "submitit"])
 def test_only_the_submitting_process_imports_mlflow(both_executors, executor):
     cwd, proc, _, imports = both_executors[executor]
@@ -123,6 +140,63 @@ def test_only_the_submitting_process_imports_mlflow(both_executors, executor):
     assert sum("mlflow.parentRunId" in r.data.tags for r in runs) == 6, "one child run per method and Retrain cell"
 
 
+class Payload:
+    """Unpickling it runs code: it touches the file it names."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_copied_out_dir_collects_its_jobs_from_their_json_reports_and_never_unpickles(both_executors, tmp_path,
+                                                                                        monkeypatch):
+    """A job recorded as submitted whose cell file is gone: the next invocation collects its report from the job's
+    folder in this out dir (a copy, whose report differs from the original's), without loading the result pickle
+    planted there."""
+    import pickle
+
+    import submitit
+
+    import benchmark as entry
+    from sweep.executors import REPORT_FILE
+
+    original = both_executors["submitit"][0] / "out"
+    out = tmp_path / "out"
+    shutil.copytree(original, out, ignore=shutil.ignore_patterns("benchmark.lock"))
+    jobs = json.loads((out / "jobs.json").read_text())
+    key, record = next((k, r) for k, r in jobs.items() if r["kind"] == "method")
+    cell_file = out / "cells" / f"{key}.json"
+    expected = json.loads(cell_file.read_text())
+    expected.pop("tracking")  # added when the cell was logged to the tracked run; this invocation is not tracked
+    cell_file.unlink()
+    record["state"] = "submitted"
+    (out / "jobs.json").write_text(json.dumps(jobs))
+    marker = tmp_path / "payload-ran"
+    folder = out / record["folder"]
+    report_file = folder / REPORT_FILE.replace("%j", record["job_id"])
+    report = json.loads(report_file.read_text())
+    report["result"]["UA"] = expected["UA"] = 12.5  # this copy's report, not the original's
+    report_file.write_text(json.dumps(report))
+    (folder / f"{record['job_id']}_0_result.pkl").write_bytes(pickle.dumps(("success", Payload(marker))))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the submitting process unpickled a job's file")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(submitit.core.core.Job, "result", refuse)
+    monkeypatch.setattr(submitit.core.core.Job, "results", refuse)
+    args = [*GRID, "--seeds", "1", "2", "--methods", "GA", "FT", "--no-track", "--out", str(out), *SUBMITIT_LOCAL]
+    assert entry.main(args) == 0
+    assert not marker.exists()
+    assert json.loads((out / "jobs.json").read_text())[key]["state"] == "finished"
+    assert without_timing(json.loads(cell_file.read_text())) == without_timing(expected)
+
+
 def _wait_for(condition, seconds: float, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -131,6 +205,8 @@ def _wait_for(condition, seconds: float, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_kill_and_invoke_again_collects_running_jobs_and_reuses_finished_cells(tmp_path):
     args = [*GRID, "--seeds", "1", "--methods", "GA", "--out", "out", "--no-track", *SUBMITIT_LOCAL]
     jobs_file = tmp_path / "out" / "jobs.json"
@@ -203,12 +279,13 @@ def test_plan_slots_pins_one_worker_per_gpu(monkeypatch):
 
 
 def test_a_pinned_worker_sees_only_its_device():
-    from sweep.execute import start_pool
+    from sweep.executors import start_pool
 
     with start_pool(1, "1") as pool:
         assert pool.submit(os.getenv, "CUDA_VISIBLE_DEVICES").result(timeout=120) == "1"
 
 
+@pytest.mark.integration  # benchmark.py in a process: CUDA_VISIBLE_DEVICES is read when CUDA starts
 def test_bad_execution_input_is_one_line_before_any_work(tmp_path, monkeypatch):
     import benchmark as entry
     from utils import UserError
@@ -237,3 +314,30 @@ def test_bad_execution_input_is_one_line_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"^--executor submitit needs the submitit package.*: pip install submitit$"):
         entry.main([*base, "--executor", "submitit", "--cluster", "local"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"], "nothing written"
+
+
+def test_a_debug_job_hands_its_report_back_through_a_json_file_in_its_folder(tmp_path, monkeypatch):
+    """submitit's debug cluster runs the job here: the cell's report still comes back as the job folder's JSON file,
+    validated against the cell (a report of another cell, or a broken file, is an error of the job)."""
+    import sweep.executors as executors
+    from sweep.grid import Cell
+
+    def fake(task: dict) -> dict:
+        key = "another" if task["key"] == "wrong-key" else task["key"]
+        return {"key": key, "status": "ok", "error": None, "seconds": 1.5, "cpu_seconds": 1.0, "permanent": False,
+                "result": {"args": {}, "RTE_seconds": 1.5, "UA": 3.0}}
+
+    monkeypatch.setattr(executors, "execute", fake)
+    slurm = {"time": 5, "gpus_per_job": 0, "cpus_per_job": 1, "array_parallelism": 2, "folder": None}
+    jobs = executors.SubmititJobs("debug", slurm, tmp_path, 2)
+    cells = [Cell("method", key, "digits", "resnet18", "random", 1, ["--unlearn", "GA"]) for key in ("k1", "wrong-key")]
+    jobs.start(cells, tmp_path)
+    reports = {}
+    while len(reports) < 2:
+        reports.update({cell.key: report for cell, report in jobs.wait()})
+    assert reports["k1"]["status"] == "ok" and reports["k1"]["result"]["UA"] == 3.0
+    assert reports["wrong-key"]["status"] == "error" and "without a valid report" in reports["wrong-key"]["error"]
+    record = json.loads((tmp_path / "jobs.json").read_text())["k1"]
+    folder = tmp_path / record["folder"]
+    assert not Path(record["folder"]).is_absolute() and folder.parent == tmp_path / "submitit"
+    assert json.loads((folder / executors.REPORT_FILE.replace("%j", record["job_id"])).read_text())["key"] == "k1"

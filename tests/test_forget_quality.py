@@ -8,9 +8,17 @@ import pytest
 import torch
 
 import evaluation.forget_quality as fq
-from evaluation.forget_quality import (DELTA, EPSILON_CAP, bucket_scores, example_epsilons, final_score,
-                                       forget_score, forget_score_from_epsilons, logit_scaled_confidence,
-                                       num_buckets)
+from evaluation.forget_quality import (
+    DELTA,
+    EPSILON_CAP,
+    bucket_scores,
+    example_epsilons,
+    final_score,
+    forget_score,
+    forget_score_from_epsilons,
+    logit_scaled_confidence,
+    num_buckets,
+)
 from utils import UserError
 
 
@@ -129,7 +137,6 @@ def test_two_constant_samples():
 def literal_epsilon(pos: np.ndarray, neg: np.ndarray, delta: float = DELTA) -> float:
     """One example, every rule built and compared one at a time (the reading of the module docstring, written
     without sorting, counting tricks or tables)."""
-    n = len(pos)
     spreads = (pos.max() - pos.min(), neg.max() - neg.min())
     if min(spreads) < 0.01 * max(spreads):
         return EPSILON_CAP

@@ -3,6 +3,7 @@ recipe and N = 4: raw scores 0, the Retrain sanity row scores above the other me
 trained once and then read from the cache, the result JSON, the .npz and the .png are written; bad input exits 2."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -13,10 +14,12 @@ import pytest
 
 import pipeline.forget_quality as fq_stage
 from arg_parser import parse_config
-from conftest import TINY, run_script
-from evaluation.reference_models import derived_seed
+from conftest import TINY, run_main, run_script
+from dataset import SplitData, load_dataset, make_split
+from evaluation.reference_models import ModelSpec, ReferenceConfig, derived_seed
 from pipeline import paths
 from pipeline.stages import prepare, train_reference, unlearn
+from training import TrainRecipe
 
 N = 4
 FLAGS = TINY + ["--class_to_replace", "-1", "--num_indexes_to_replace", "60", "--seed", "1"]
@@ -25,8 +28,8 @@ RESULT_KEYS = {"num_models", "forget_score", "final_score", "retain_acc_ratio", 
 
 
 def forget_run(save_dir: Path, method: str, *extra: str):
-    return run_script("main_forget.py", *FLAGS, "--save_dir", str(save_dir), "--unlearn", method,
-                      "--forget_quality", str(N), *extra)
+    return run_main("main_forget.py", *FLAGS, "--save_dir", str(save_dir), "--unlearn", method,
+                    "--forget_quality", str(N), *extra)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,7 @@ def workspace(tmp_path_factory):
     return save_dir, runs
 
 
+@pytest.mark.slow
 def test_result_keys_and_files(workspace):
     save_dir, runs = workspace
     for method, (_, result) in runs.items():
@@ -62,6 +66,7 @@ def test_result_keys_and_files(workspace):
         assert png == save_dir / f"{method}forget_quality.png" and png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_raw_scores_zero_and_is_announced_before_any_work(workspace):
     _, runs = workspace
     proc, result = runs["raw"]
@@ -74,6 +79,7 @@ def test_raw_scores_zero_and_is_announced_before_any_work(workspace):
     assert sum("deterministic" in line for line in lines) == 1
 
 
+@pytest.mark.slow
 def test_retrain_sanity_row_scores_above_every_other_method(workspace):
     _, runs = workspace
     scores = {method: result["forget_quality"]["forget_score"] for method, (_, result) in runs.items()}
@@ -82,6 +88,7 @@ def test_retrain_sanity_row_scores_above_every_other_method(workspace):
     assert "deterministic" not in runs["retrain"][0].stdout and "deterministic" not in runs["FT"][0].stdout
 
 
+@pytest.mark.slow
 def test_retrained_models_are_trained_once_and_shared(workspace):
     save_dir, runs = workspace
     first = runs["raw"][1]["forget_quality"]
@@ -97,6 +104,7 @@ def test_retrained_models_are_trained_once_and_shared(workspace):
         assert np.array_equal(raw["retrained_phi"], ft["retrained_phi"])
 
 
+@pytest.mark.slow
 def test_cached_stage_trains_and_evaluates_no_retrained_model(workspace, monkeypatch):
     """In process: a fifth retrained model is the only one trained for N = 5; a second call reads every number from
     the cache (training or evaluating a retrained model would fail here)."""
@@ -113,12 +121,14 @@ def test_cached_stage_trains_and_evaluates_no_retrained_model(workspace, monkeyp
     monkeypatch.setattr(fq_stage, "train_models", refuse)
     calls = []
     original_outcome = fq_stage.model_outcome
-    monkeypatch.setattr(fq_stage, "model_outcome", lambda model, splits: calls.append(1) or original_outcome(model, splits))
+    monkeypatch.setattr(fq_stage, "model_outcome",
+                        lambda model, splits: calls.append(1) or original_outcome(model, splits))
     second = fq_stage.forget_quality(p, unl, write_files=False, log=lambda message: None)
     assert second["retrained_trained_now"] == 0 and len(calls) == 5  # the 5 unlearning runs only
     assert second["forget_score"] == first["forget_score"] == 0.0
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_numbers(workspace):
     save_dir, _ = workspace
     p = prepare(parse_config(FLAGS + ["--save_dir", str(save_dir), "--unlearn", "FT", "--forget_quality", "3"]))
@@ -153,8 +163,8 @@ def test_deterministic_methods_are_named_before_any_work(tmp_path):
 @pytest.mark.parametrize("value, fragment", [("1", "N >= 3"), ("2", "N >= 3"), ("-1", "out of range")])
 def test_bad_forget_quality_exits_2_before_any_work(tmp_path, value, fragment):
     save_dir = tmp_path / "out"
-    proc = run_script("main_forget.py", *FLAGS, "--save_dir", str(save_dir), "--unlearn", "FT",
-                      "--forget_quality", value)
+    proc = run_main("main_forget.py", *FLAGS, "--save_dir", str(save_dir), "--unlearn", "FT",
+                    "--forget_quality", value)
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not save_dir.exists()
@@ -193,6 +203,8 @@ def test_benchmark_cells_depend_on_the_retrained_models_only_when_asked(tmp_path
     assert reference[reference.index("--forget_quality") + 1] == "3" and reference[reference.index("--jobs") + 1] == "2"
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_benchmark_adds_f_and_final_columns(tmp_path):
     proc = benchmark_run(tmp_path, "--methods", "FT", "raw", "--forget_quality", "3")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -222,12 +234,14 @@ def test_benchmark_adds_f_and_final_columns(tmp_path):
 
 @pytest.mark.parametrize("value, fragment", [("2", "N >= 3"), ("-3", "out of range")])
 def test_benchmark_bad_forget_quality_exits_2_before_any_work(tmp_path, value, fragment):
-    proc = benchmark_run(tmp_path, "--methods", "FT", "--forget_quality", value)
+    proc = run_main("benchmark.py", *BENCH, "--out", str(tmp_path / "out"), "--methods", "FT", "--forget_quality",
+                    value, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_scores_are_tracked_metrics(workspace, tmp_path):
     """mlflow_forget.py logs F, Final and the two ratios as `forget_quality.*` metrics of its run (the retrained
     models of the workspace are reused), and a benchmark cell logged after the fact gets the same metrics."""
@@ -237,9 +251,9 @@ def test_scores_are_tracked_metrics(workspace, tmp_path):
 
     save_dir, runs = workspace
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_script("mlflow_forget.py", *FLAGS, "--save_dir", str(save_dir), "--unlearn", "FT", "--forget_quality",
-                      str(N), "--result_json", str(tmp_path / "ft.json"), env={"MLFLOW_TRACKING_URI": uri},
-                      cwd=tmp_path)
+    proc = run_main("mlflow_forget.py", *FLAGS, "--save_dir", str(save_dir), "--unlearn", "FT", "--forget_quality",
+                    str(N), "--result_json", str(tmp_path / "ft.json"), env={"MLFLOW_TRACKING_URI": uri},
+                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     quality = json.loads((tmp_path / "ft.json").read_text())["forget_quality"]
     client = MlflowClient(tracking_uri=uri)
@@ -272,3 +286,35 @@ def test_scores_are_tracked_metrics(workspace, tmp_path):
     log_result_run(recorder, "0", "raw", raw, save_dir / "raweval_result.json", {}, {})
     assert recorder.metrics == final_metrics(raw) and recorder.metrics["forget_quality.forget_score"] == 0.0
     assert final_metrics({"UA": 1.0}) == {}
+
+
+def test_signals_file_is_read_and_written_under_the_folder_lock(tmp_path, monkeypatch):
+    """The retrained models' signals file is shared by every run on the split: it is read, extended and written only
+    while the folder's lock is held, so two runs never interleave a read-modify-write."""
+    data = load_dataset("digits")
+    split = make_split(data, -1, 40, seed=1)
+    splits = SplitData(data, split, batch_size=128, augment=False)
+    spec = ModelSpec("resnet20s", data.num_classes, data.in_channels, 4, data.mean, data.std)
+    config = ReferenceConfig("digits", spec, TrainRecipe(epochs=1, lr=0.05, batch_size=128, milestones=()),
+                             num_models=3, augment=False)
+    held: list[Path] = []
+
+    @contextlib.contextmanager
+    def recording_lock(target):
+        held.append(Path(target))
+        try:
+            yield
+        finally:
+            held.pop()
+
+    seen = []
+
+    def outcomes_under_lock(directory, *args):
+        seen.append(list(held))
+        return fq_stage.Outcomes.empty(len(split.forget))
+
+    monkeypatch.setattr(fq_stage, "file_lock", recording_lock)
+    monkeypatch.setattr(fq_stage, "checkpoint_matches", lambda path, key, index: True)  # nothing to train
+    monkeypatch.setattr(fq_stage, "_retrained_outcomes", outcomes_under_lock)
+    models = fq_stage.ensure_retrained(config, data, splits, tmp_path, 3, log=lambda message: None)
+    assert seen == [[models.directory]] and held == []

@@ -8,8 +8,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dataset
-from unlearn import (ALIASES, METHODS, UNSET, HParam, UnlearnContext, UnlearnMethod, declared_flags, method_hparams,
-                     register_alias, register_method, resolve_hyperparameters, resolve_method, run_unlearning)
+from unlearn import (
+    ALIASES,
+    METHODS,
+    UNSET,
+    HParam,
+    UnlearnContext,
+    UnlearnMethod,
+    declared_flags,
+    method_hparams,
+    register_alias,
+    register_method,
+    resolve_hyperparameters,
+    resolve_method,
+    run_unlearning,
+)
 from unlearn.common import save_mask
 from unlearn.masks import MASK_MODES
 from utils import UserError, make_generator

@@ -5,7 +5,6 @@ reuses the cached reference models; `main_forget.py --mia lira` writes the score
 Budget: resnet20s width 12, 10 epochs, K = 8 reference models (2 workers). While developing, the margin of the
 original's LiRA AUC over Retrain's was 0.14-0.18 (online) and 0.14-0.18 (offline) over split seeds 1-3, against the
 0.05 asserted."""
-import copy
 import json
 
 import numpy as np
@@ -13,15 +12,18 @@ import pytest
 import torch
 
 from arg_parser import parse_config
+from conftest import run_script
 from pipeline.mia import per_example_mia
-from pipeline.stages import evaluate, prepare, train_reference, unlearn
+from pipeline.stages import prepare, train_reference, unlearn
 
 
 def attacks_of(p):
     """Unlearn (raw) and run the attack stage without writing its files."""
     unl = unlearn(p)
     return per_example_mia(p, unl, write_files=False)
-from conftest import run_script
+
+
+pytestmark = pytest.mark.slow  # ten models of 10 epochs (original, Retrain, eight references)
 
 FLAGS = ["--dataset", "digits_noisy", "--arch", "resnet20s", "--width", "12", "--epochs", "10", "--decreasing_lr",
          "6,8", "--lr", "0.05", "--batch_size", "64", "--class_to_replace", "-1", "--num_indexes_to_replace", "130",
@@ -72,6 +74,7 @@ def test_second_evaluation_reuses_the_reference_models(workspace):
     assert mia["original_rmia"]["auc"] > mia["retrain_rmia"]["auc"]
 
 
+@pytest.mark.integration
 def test_main_forget_mia_lira_writes_scores_plot_and_keys(workspace):
     save_dir, _, _ = workspace
     proc = run_script("main_forget.py", *FLAGS, "--save_dir", str(save_dir), "--mia", "lira",

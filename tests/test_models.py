@@ -266,7 +266,7 @@ def test_vgg16_bn_structure():
     assert len(convs) == 13 and all(c.bias is None for c in convs)
     assert [c.out_channels for c in convs][-1] == 128  # 512 * 16 / 64
     linears = [m for m in vgg.classifier if isinstance(m, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(512, 64), (64, 64), (64, 10)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(512, 64), (64, 64), (64, 10)]
     assert not any(isinstance(m, nn.Dropout) for m in vgg.modules())
     for linear in linears:
         assert torch.equal(linear.bias, torch.zeros_like(linear.bias))

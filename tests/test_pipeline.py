@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, run_script
+import mlflow_forget
+from conftest import ROOT, TINY, run_main
+from dataset import make_split
+from utils import UserError, cli_main
 
 ENTRY_SCRIPTS = ("main_baseline.py", "main_forget.py", "mlflow_forget.py", "main_backdoor.py", "benchmark.py")
 
@@ -51,14 +54,16 @@ def test_hyper_parameters_are_only_those_the_method_uses(tmp_path):
         config = config_of("--dataset", "digits", "--save_dir", str(tmp_path), "--unlearn", name)
         declared = {hp.name for hp in method_hparams(resolve_method(name))}
         assert set(config.method.hp) - {"grad_mask"} == declared, name
-    assert "salun_ratio" not in config_of("--dataset", "digits", "--save_dir", str(tmp_path), "--unlearn", "VarGrad").method.hp
+    vargrad = config_of("--dataset", "digits", "--save_dir", str(tmp_path), "--unlearn", "VarGrad")
+    assert "salun_ratio" not in vargrad.method.hp
 
 
 BAD_INPUT = [
     (["--lr", "-0.1"], "--lr"), (["--lr", "0"], "--lr"), (["--momentum", "-1"], "--momentum"),
     (["--weight_decay", "-1"], "--weight_decay"), (["--warmup", "-1"], "--warmup"),
     (["--unlearn", "FT", "--unlearn_lr", "-1"], "unlearn_lr"), (["--unlearn", "FT", "--unlearn_lr", "0"], "unlearn_lr"),
-    (["--unlearn", "SSD", "--ssd_lambda", "-1"], "ssd_lambda"), (["--unlearn", "SalUn", "--salun_ratio", "0"], "salun_ratio"),
+    (["--unlearn", "SSD", "--ssd_lambda", "-1"], "ssd_lambda"),
+    (["--unlearn", "SalUn", "--salun_ratio", "0"], "salun_ratio"),
     (["--unlearn", "NoSuch"], "NoSuch"), (["--class_to_replace", "10"], "class_to_replace"),
     (["--unlearn", "VarGrad", "--quantile", "1.5"], "quantile"),
 ]
@@ -67,7 +72,7 @@ BAD_INPUT = [
 @pytest.mark.parametrize("extra,named", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
 def test_bad_input_is_one_line_exit_2_before_any_work(tmp_path, extra, named):
     save = tmp_path / "out"
-    result = run_script("mlflow_forget.py", *TINY, "--save_dir", str(save), "--no-track", *extra, timeout=120)
+    result = run_main("mlflow_forget.py", *TINY, "--save_dir", str(save), "--no-track", *extra)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], result.stderr
@@ -78,11 +83,11 @@ def test_result_json_under_a_file_is_refused_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     save = tmp_path / "out"
-    result = run_script("mlflow_forget.py", *TINY, "--save_dir", str(save), "--no-track", "--unlearn", "FT",
-                        "--result_json", str(blocker / "r.json"), timeout=120)
+    result = run_main("mlflow_forget.py", *TINY, "--save_dir", str(save), "--no-track", "--unlearn", "FT",
+                      "--result_json", str(blocker / "r.json"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not save.exists()
-    result = run_script("main_baseline.py", *TINY, "--save_dir", str(blocker / "sub"), timeout=120)
+    result = run_main("main_baseline.py", *TINY, "--save_dir", str(blocker / "sub"))
     assert result.returncode == 2 and "is a file" in result.stderr
 
 
@@ -91,8 +96,8 @@ def test_a_forget_set_of_the_whole_training_set_is_refused_up_front(tmp_path, di
 
     train_size = len(make_split(digits, 0, None, seed=1).train)
     save = tmp_path / "out"
-    result = run_script("mlflow_forget.py", *TINY, "--save_dir", str(save), "--no-track", "--unlearn", "FT",
-                        "--class_to_replace", "-1", "--num_indexes_to_replace", str(train_size), timeout=120)
+    result = run_main("mlflow_forget.py", *TINY, "--save_dir", str(save), "--no-track", "--unlearn", "FT",
+                      "--class_to_replace", "-1", "--num_indexes_to_replace", str(train_size))
     assert result.returncode == 2 and "no retain set" in result.stderr, result.stderr
     assert not save.exists()
 
@@ -208,6 +213,50 @@ def test_no_import_cycles_and_no_entry_script_imports_another():
     for node in edges:
         if node not in state:
             visit(node, [])
+    # And between modules, inside a package too (imports inside functions count: a function-level import that dodges
+    # a circle is still a circle). A package's __init__ importing its submodules is the one allowed direction.
+    assert not module_cycles(graph), f"import cycles between modules: {module_cycles(graph)}"
+
+
+def module_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each a set of modules importing each
+    other in a circle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                connect(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return cycles
+
+
+def test_the_cycle_check_finds_a_circle_inside_a_package():
+    graph = {"sweep": {"sweep.a"}, "sweep.a": {"sweep.b", "utils"}, "sweep.b": {"sweep.c"}, "sweep.c": {"sweep.a"},
+             "utils": set()}
+    assert module_cycles(graph) == [["sweep.a", "sweep.b", "sweep.c"]]
+    graph["sweep.c"] = {"utils"}
+    assert module_cycles(graph) == []
 
 
 def test_lower_layers_know_nothing_of_argparse_or_mlflow():
@@ -220,3 +269,69 @@ def test_lower_layers_know_nothing_of_argparse_or_mlflow():
             assert "mlflow" not in imported, name
             if name.split(".")[0] != "arg_parser":
                 assert "argparse" not in imported, name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flags that used to fail only after training: one line, exit 2, nothing trained
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _refused_before_any_work(tmp_path, capsys, *extra) -> str:
+    """mlflow_forget.py in process, as `utils.cli_main` runs it: exit 2, one line on stderr, no model file anywhere."""
+    save = tmp_path / "out"
+    argv = [*TINY, "--save_dir", str(save), "--no-track", *extra]
+    with pytest.raises(SystemExit) as info:
+        cli_main(lambda: mlflow_forget.main(argv))
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert not list(tmp_path.rglob("*.pth.tar")) and not list(tmp_path.rglob("*.pt")), "nothing may be trained"
+    assert not save.exists() or not any(save.iterdir())
+    return lines[0]
+
+
+def test_salun_mask_path_under_a_regular_file_is_refused_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    line = _refused_before_any_work(tmp_path, capsys, "--unlearn", "SalUn", "--class_to_replace", "-1",
+                                    "--num_indexes_to_replace", "50", "--mask_path", str(blocker / "mask.pt"))
+    assert "--mask_path" in line and "is a file" in line
+
+
+def test_mask_naming_a_directory_is_refused_before_training(tmp_path, capsys):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    line = _refused_before_any_work(tmp_path, capsys, "--unlearn", "FT", "--class_to_replace", "-1",
+                                    "--num_indexes_to_replace", "50", "--mask", str(folder))
+    assert "--mask" in line and "is a directory" in line
+    with pytest.raises(UserError, match="is a directory"):  # main_forget.py reads --mask: the same one line
+        config_of(*TINY, "--save_dir", str(tmp_path / "out"), "--unlearn", "FT", "--class_to_replace", "-1",
+                  "--num_indexes_to_replace", "50", "--mask", str(folder))
+
+
+@pytest.mark.parametrize("mia,count,needed", [("lira", 1, 3), ("ulira", 2, 3), ("all", 2, 3), ("rmia", 1, 2)])
+def test_too_few_reference_models_are_refused_before_training(tmp_path, capsys, mia, count, needed):
+    line = _refused_before_any_work(tmp_path, capsys, "--unlearn", "FT", "--class_to_replace", "-1",
+                                    "--num_indexes_to_replace", "50", "--mia", mia, "--num_ref_models", str(count))
+    assert f"--num_ref_models >= {needed}" in line and f"got {count}" in line
+
+
+def test_enough_reference_models_pass_the_check(tmp_path):
+    for mia, count in (("lira", 3), ("rmia", 2), ("svc", 1)):
+        config = config_of(*TINY, "--save_dir", str(tmp_path), "--mia", mia, "--num_ref_models", str(count),
+                           "--class_to_replace", "-1", "--num_indexes_to_replace", "50", script="mlflow_forget.py")
+        assert config.eval.num_ref_models == count
+
+
+def test_a_retain_set_of_one_sample_is_refused_before_training(tmp_path, capsys, digits):
+    train_size = len(make_split(digits, 0, None, seed=1).train)
+    line = _refused_before_any_work(tmp_path, capsys, "--unlearn", "FT", "--class_to_replace", "-1",
+                                    "--num_indexes_to_replace", str(train_size - 1))
+    assert "leaves 1 retain sample" in line and f"up to {train_size - 2}" in line
+
+
+def test_attacks_on_a_forget_set_outside_the_training_split_are_refused_before_training(tmp_path, capsys):
+    line = _refused_before_any_work(tmp_path, capsys, "--unlearn", "FT", "--class_to_replace", "-1",
+                                    "--num_indexes_to_replace", "50", "--seed", "3", "--split", "upstream",
+                                    "--mia", "rmia")
+    assert "forget set inside the original model's training split" in line

@@ -11,7 +11,8 @@ from sweep.report import write_plots
 
 
 def _curves(ua: float, epochs: int) -> list[dict]:
-    return [{"epoch": e, "UA": ua + e, "RA": 90.0, "TA": 85.0 - e, "MIA_efficacy": 20.0 + e} for e in range(1, epochs + 1)]
+    return [{"epoch": e, "UA": ua + e, "RA": 90.0, "TA": 85.0 - e, "MIA_efficacy": 20.0 + e}
+            for e in range(1, epochs + 1)]
 
 
 def _row(method: str, config: str, avg_gap: float, reference: bool = False, epochs: int = 3) -> dict:

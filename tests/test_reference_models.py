@@ -1,14 +1,31 @@
 """Reference models of the per-example attacks: balanced design, cache (reuse, resume, keys), parallel = sequential,
 and the U-LiRA shadow machinery. Tiny budgets on plain digits; the attack itself is tested in test_mia_integration."""
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from dataset import Split, SplitData, load_dataset, make_split
-from evaluation.per_example_mia import (UliraRequest, ensure_retrained_shadows, evaluate_per_example_mia,
-                                        shadow_forget_sets, unlearn_shadow)
-from evaluation.reference_models import (ModelSpec, ReferenceConfig, ReferenceModels, attack_pool_data,
-                                         balanced_membership, ensure_reference_models, load_weights)
+from evaluation.per_example_mia import (
+    UliraRequest,
+    ensure_retrained_shadows,
+    evaluate_per_example_mia,
+    shadow_forget_sets,
+    unlearn_shadow,
+)
+from evaluation.reference_models import (
+    ModelSpec,
+    ReferenceConfig,
+    ReferenceModels,
+    attack_pool_data,
+    balanced_membership,
+    ensure_reference_models,
+    load_weights,
+)
 from training import TrainRecipe
 from unlearn import resolve_hyperparameters, resolve_method
 from utils import UserError
@@ -165,7 +182,7 @@ def test_evaluate_outputs_and_files(built, digits, tmp_path):
     model = refs.load(0, torch.device("cpu"))
     other = refs.load(1, torch.device("cpu"))
     scores, roc = tmp_path / "s.npz", tmp_path / "roc.png"
-    with pytest.raises(UserError, match="LiRA needs"):
+    with pytest.raises(UserError, match="needs --num_ref_models >= 3"):
         evaluate_per_example_mia("lira", data=data, split=split, splits=splits, config=_config(data),
                                  cache_root=root, method_model=model, log=_quiet)
     result = evaluate_per_example_mia("rmia", data=data, split=split, splits=splits, config=_config(data),
@@ -223,3 +240,38 @@ def test_ulira_end_to_end(digits, ulira_root, tmp_path, method_name):
         np.testing.assert_allclose(unlearned, refs.phi[:, refs.columns(split.forget)], rtol=0, atol=1e-5)
         assert not np.array_equal(unlearned, retrained)
         assert result["retrained_shadows_trained_now"] == 0  # cached by the first case (same forget sets)
+
+
+def _build_when_told(root: str, go: str, result: str) -> None:
+    """A second process's request for the reference models: starts when `go` appears, records what it trained."""
+    torch.set_num_threads(1)
+    data = load_dataset("digits")
+    split = make_split(data, -1, 40, seed=1)
+    while not Path(go).exists():
+        time.sleep(0.005)
+    refs = ensure_reference_models(_config(data), data, split, root, jobs=1, log=_quiet)
+    Path(result).write_text(json.dumps({"trained_now": refs.trained_now, "phi": refs.phi.tolist()}))
+
+
+@pytest.mark.slow
+def test_two_processes_asking_at_once_train_the_models_once(tmp_path):
+    """Both processes start together on an empty cache: one trains the K models, the other waits on the folder's
+    lock and then reads them (without the lock both see them missing and both train)."""
+    root, go = tmp_path / "cache", tmp_path / "go"
+    context = multiprocessing.get_context("spawn")
+    results = [tmp_path / f"result_{i}.json" for i in range(2)]
+    workers = [context.Process(target=_build_when_told, args=(str(root), str(go), str(r))) for r in results]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.5)  # let both import torch and load the data; each waits for `go`
+    go.touch()
+    for worker in workers:
+        worker.join(timeout=300)
+        assert worker.exitcode == 0
+    outcomes = [json.loads(r.read_text()) for r in results]
+    trained = sorted(len(o["trained_now"]) for o in outcomes)
+    assert trained == [0, K]
+    assert outcomes[0]["phi"] == outcomes[1]["phi"]
+    (directory,) = [p for p in root.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in directory.glob("model_*.pth.tar")) == [f"model_{k:03d}.pth.tar" for k in range(K)]
+    assert not list(root.glob(".*.lock"))  # released

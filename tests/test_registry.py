@@ -67,9 +67,10 @@ def test_classwise_retrain_forgets_the_class(tmp_path):
 
 def test_diverging_method_stops_keeps_finite_weights_and_exits_non_zero(save_dir):
     import torch
-    from conftest import run_script
+
+    from conftest import run_main
     args = [*ARGS, "--save_dir", str(save_dir), "--unlearn", "GA", "--unlearn_lr", "1e30", "--unlearn_epochs", "3"]
-    proc = run_script("main_forget.py", *args)
+    proc = run_main("main_forget.py", *args)
     assert proc.returncode == 3
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "diverged at epoch" in lines[0] and "last finite weights saved" in lines[0]

@@ -1,5 +1,7 @@
 """The redesign changes no number: the same commands give the values recorded from commit c407b81 on this kind of
-machine (CPU). Metrics must match exactly; the weights' L1 / L2 sums to 1e-6 relative (robust to summation order)."""
+machine (CPU). Metrics must match exactly; the weights' L1 / L2 sums to 1e-6 relative (robust to summation order).
+The scripts run in this process (`run_main`, with the thread count of a fresh interpreter): the same numbers, without
+an interpreter start per case."""
 import json
 import math
 from pathlib import Path
@@ -7,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main
 
 RECORD = json.loads((ROOT / "tests" / "data" / "regression_c407b81.json").read_text())
 METRICS = ["UA", "RA", "TA", "MIA_efficacy", "avg_gap", "rUA", "agreement"]
+pytestmark = pytest.mark.slow  # three models trained, sixteen methods run on the recorded (not the tiny) settings
 
 
 def checksum(path: Path) -> dict:
@@ -27,10 +30,10 @@ def close(a: float, b: float, rel: float = 1e-6) -> bool:
 def references(tmp_path_factory):
     out = tmp_path_factory.mktemp("regression")
     base = RECORD["base"]
-    result = run_script("main_baseline.py", *base, "--save_dir", str(out))
+    result = run_main("main_baseline.py", *base, "--save_dir", str(out))
     assert result.returncode == 0, result.stderr
     for scenario in ("random", "classwise"):
-        result = run_script("main_baseline.py", *base, *RECORD[scenario], "--save_dir", str(out), "--retrain")
+        result = run_main("main_baseline.py", *base, *RECORD[scenario], "--save_dir", str(out), "--retrain")
         assert result.returncode == 0, result.stderr
     return out
 
@@ -40,15 +43,16 @@ def test_original_model_unchanged(references):
     assert close(got["l1"], RECORD["original"]["l1"]) and close(got["l2"], RECORD["original"]["l2"])
 
 
-@pytest.mark.parametrize("case", RECORD["cases"], ids=lambda c: f"{c['scenario']}-{'-'.join(c['args'][1:2] + c['args'][2:4])}")
+@pytest.mark.parametrize("case", RECORD["cases"],
+                         ids=lambda c: f"{c['scenario']}-{'-'.join(c['args'][1:2] + c['args'][2:4])}")
 def test_method_numbers_unchanged(references, case):
     base, name = RECORD["base"], case["args"][1]
     out = references / f"{case['scenario']}-{'_'.join(case['args'])}".replace("-", "")
     out.mkdir()
     for f in references.glob("*.pth.tar"):  # each case in its own folder: the result files are named by method
         (out / f.name).symlink_to(f)
-    result = run_script("main_forget.py", *base, *RECORD[case["scenario"]], "--save_dir", str(out),
-                        "--mask", str(out / "1resnet18_ep3model_SA_best.pth.tar"), *case["args"])
+    result = run_main("main_forget.py", *base, *RECORD[case["scenario"]], "--save_dir", str(out),
+                      "--mask", str(out / "1resnet18_ep3model_SA_best.pth.tar"), *case["args"])
     assert result.returncode == 0, result.stderr
     got = json.loads((out / f"{name}eval_result.json").read_text())
     for key in METRICS:

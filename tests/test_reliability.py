@@ -12,14 +12,20 @@ import pytest
 import torch
 
 import dataset
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, run_main
 from models import create_model
 from unlearn import UnlearnContext, resolve_hyperparameters, resolve_method, run_unlearning
-from unlearn.driver import state_is_finite
+from unlearn.driver import output_probe, outputs_are_finite, state_is_finite
 from unlearn.registry import UnlearnMethod
-from utils import (DivergenceError, UserError, atomic_torch_save, atomic_write_json, atomic_write_text, file_lock,
-                   make_generator)
-
+from utils import (
+    DivergenceError,
+    UserError,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    file_lock,
+    make_generator,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Divergence guard: parameters AND buffers
@@ -44,7 +50,8 @@ def _context(model, data, hp=None) -> UnlearnContext:
 
 
 class _PoisonsRunningVar(UnlearnMethod):
-    """Epoch 1 nudges a weight (finite); epoch 2 leaves every parameter finite but sets a BatchNorm running_var to inf."""
+    """Epoch 1 nudges a weight (finite); epoch 2 leaves every parameter finite but sets a BatchNorm running_var to
+    inf."""
 
     name = "test-poison"
 
@@ -117,7 +124,8 @@ def test_huge_ga_step_never_leaves_an_infinite_running_var(small_data):
     torch.set_num_threads(1)
     model = _resnet()
     resolved = resolve_method("GA")
-    method = resolved.cls(_context(model, small_data, resolve_hyperparameters(resolved, {"unlearn_lr": 1e6, "unlearn_epochs": 5})))
+    hp = resolve_hyperparameters(resolved, {"unlearn_lr": 1e6, "unlearn_epochs": 5})
+    method = resolved.cls(_context(model, small_data, hp))
     with pytest.raises(DivergenceError):
         run_unlearning(method, 5, progress=False)
     for name, buffer in model.named_buffers():
@@ -200,32 +208,31 @@ def _digests(folder: Path) -> dict[str, tuple[str, int]]:
             for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_resume_with_another_dataset_is_refused_and_touches_nothing(tmp_path):
+def test_resume_with_another_dataset_is_refused_and_touches_nothing(tiny_models):
     env = {"OMP_NUM_THREADS": "1"}
-    base = [*TINY, "--seed", "1", "--save_dir", str(tmp_path)]
-    first = run_script("main_baseline.py", *base, env=env)
-    assert first.returncode == 0, first.stderr[-2000:]
-    before = _digests(tmp_path)
+    save_dir = tiny_models(*TINY, "--seed", "1")  # a finished main_baseline.py run
+    base = [*TINY, "--seed", "1", "--save_dir", str(save_dir)]
+    before = _digests(save_dir)
     noisy = [*base[:base.index("--dataset")], "--dataset", "digits_noisy", *base[base.index("--dataset") + 2:]]
-    proc = run_script("main_baseline.py", *noisy, "--resume", env=env)
+    proc = run_main("main_baseline.py", *noisy, "--resume", env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot resume" in lines[0], proc.stderr
     assert "dataset='digits'" in lines[0] and "dataset='digits_noisy'" in lines[0]
-    assert _digests(tmp_path) == before
+    assert _digests(save_dir) == before
 
 
-def test_resume_with_another_width_is_a_one_line_error(tmp_path):
+def test_resume_with_another_width_is_a_one_line_error(tiny_models):
     env = {"OMP_NUM_THREADS": "1"}
-    base = [*TINY, "--seed", "1", "--save_dir", str(tmp_path)]
-    assert run_script("main_baseline.py", *base, env=env).returncode == 0
-    before = _digests(tmp_path)
+    save_dir = tiny_models(*TINY, "--seed", "1")
+    base = [*TINY, "--seed", "1", "--save_dir", str(save_dir)]
+    before = _digests(save_dir)
     wider = [*base[:base.index("--width")], "--width", "8", *base[base.index("--width") + 2:]]
-    proc = run_script("main_baseline.py", *wider, "--resume", env=env)
+    proc = run_main("main_baseline.py", *wider, "--resume", env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "width=4" in lines[0] and "width=8" in lines[0], proc.stderr
-    assert _digests(tmp_path) == before
+    assert _digests(save_dir) == before
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -249,6 +256,7 @@ print("tracked", handle.run_id)
 """
 
 
+@pytest.mark.integration  # two interpreters open the database at once
 def test_two_first_users_of_a_fresh_sqlite_database_both_succeed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     go = tmp_path / "go"
@@ -289,3 +297,47 @@ def test_end_stale_runs_marks_only_running_runs_with_the_tag(tmp_path):
     assert tracker.end_stale_runs(experiment_id, "sweep_parent", "grid A") == 0
     assert tracker.end_stale_runs(experiment_id, "sweep_parent", "grid B", status="FAILED") == 1
     assert tracker.client.get_run(other_tag.run_id).info.status == "FAILED"
+
+
+class _RunsAway(UnlearnMethod):
+    """Epoch 1 nudges a weight; epoch 2 scales every convolution by 1e15: each weight stays finite (the guard over the
+    state passes), but the logits overflow to inf/NaN, as in a GA run whose weights reached 4.8e20."""
+
+    name = "test-runs-away"
+
+    def run_epoch(self, epoch):
+        with torch.no_grad():
+            next(self.model.parameters()).add_(0.5)
+            if epoch == 2:
+                for module in self.model.modules():
+                    if isinstance(module, torch.nn.Conv2d):
+                        module.weight.mul_(1e15)
+        return {"loss": 1.0}
+
+
+def test_finite_weights_with_non_finite_outputs_count_as_divergence(small_data):
+    model = _resnet()
+    method = _RunsAway(_context(model, small_data))
+    probe = output_probe(small_data)
+    assert probe.shape[0] == 30 + 64 and outputs_are_finite(model, probe)  # 30 forget, 64 of the retain set
+    after_epoch_one, at_epoch_two = {}, {}
+
+    def remember(epoch, eval_model, stats, seconds):
+        after_epoch_one.update({k: v.clone() for k, v in eval_model.state_dict().items()})
+
+    original_load = model.load_state_dict
+
+    def spy_load(state, *args, **kwargs):  # the state the guard rejected, seen just before it is replaced
+        at_epoch_two.update({k: v.clone() for k, v in model.state_dict().items()})
+        return original_load(state, *args, **kwargs)
+
+    model.load_state_dict = spy_load
+    with pytest.raises(DivergenceError) as info:
+        run_unlearning(method, 3, on_epoch=remember, progress=False)
+    assert info.value.epoch == 2 and "non-finite outputs" in str(info.value) and "epoch 1" in str(info.value)
+    rejected = _resnet()
+    rejected.load_state_dict(at_epoch_two)
+    assert state_is_finite(rejected) and not outputs_are_finite(rejected, probe)  # finite, but useless
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, after_epoch_one[key]), key
+    assert outputs_are_finite(model, probe)

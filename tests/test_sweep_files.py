@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import run_main
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +101,8 @@ def test_benchmark_rejects_an_output_path_through_a_file(tmp_path, flags):
     a_file.write_text("x")
     (tmp_path / "folder").mkdir()
     args = [f.format(file=a_file, dir=tmp_path / "folder") for f in flags]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = run_script("benchmark.py", "--datasets", "digits", "--methods", "GA", "--seeds", "1", *args, cwd=tmp_path,
-                      env={**env, "OMP_NUM_THREADS": "1"}, timeout=120)
+    proc = run_main("benchmark.py", "--datasets", "digits", "--methods", "GA", "--seeds", "1", *args, cwd=tmp_path,
+                    env={"MLFLOW_TRACKING_URI": None, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "taken"], "nothing written (not even mlflow.db)"

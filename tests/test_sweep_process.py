@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 GRID = ["--datasets", "digits", "--seeds", "1", "--scenarios", "random", "--epochs", "2", "--width", "4",
@@ -40,6 +42,8 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_kill_9_takes_the_workers_along_and_the_next_run_ends_the_stale_parent_run(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -52,7 +56,8 @@ def test_kill_9_takes_the_workers_along_and_the_next_run_ends_the_stale_parent_r
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             workers = [p for p in children(proc.pid)
                        if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()] if alive(proc.pid) else []
-            if len(workers) == 2 and (tmp_path / "out" / "logs").is_dir() and any((tmp_path / "out" / "logs").iterdir()):
+            logs = tmp_path / "out" / "logs"
+            if len(workers) == 2 and logs.is_dir() and any(logs.iterdir()):
                 break
             time.sleep(0.2)
         assert len(workers) == 2, "the benchmark did not start its two workers in time"

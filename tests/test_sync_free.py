@@ -27,12 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataset  # noqa: E402
 import unlearn.masks as masks  # noqa: E402
+from evaluation.metrics import predict  # noqa: E402
 from models import create_model  # noqa: E402
 from training import TrainRecipe, accuracy_of, make_optimizer, train_one_epoch  # noqa: E402
-from unlearn import (METHODS, UnlearnContext, declared_flags, resolve_hyperparameters,  # noqa: E402
-                     resolve_method, run_unlearning)
+from unlearn import METHODS, UnlearnContext, declared_flags, resolve_hyperparameters, resolve_method, run_unlearning  # noqa: E402
 from unlearn.masks import MASK_MODES  # noqa: E402
-from evaluation.metrics import predict  # noqa: E402
 from utils import make_generator  # noqa: E402
 
 #: Tensor methods that hand a device value to the host (each one waits for the device's queue on a GPU).
@@ -95,7 +94,8 @@ def _accelerator_opt_search(monkeypatch):
 @pytest.fixture(scope="module")
 def split_data(digits):
     split = dataset.make_split(digits, class_to_replace=-1, num_indexes_to_replace=120, seed=1)
-    split = dataclasses.replace(split, retain=split.retain[:240])  # the SGD loops pass over the retain set: keep it short
+    # the SGD loops pass over the retain set: keep it short
+    split = dataclasses.replace(split, retain=split.retain[:240])
     return dataset.SplitData(digits, split, batch_size=BATCH_SIZES[0])
 
 
@@ -178,13 +178,17 @@ def test_kept_fraction_mean_equals_the_mean_of_per_step_reads(mode):
     torch.manual_seed(0)
     shapes = [(7, 5), (3,), (4, 2, 3)]
     steps = [([torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]) for _ in range(4)]
-    deferred, per_step = masks.GradientMask(mode, beta=0.9, generator=1), masks.GradientMask(mode, beta=0.9, generator=1)
+    deferred = masks.GradientMask(mode, beta=0.9, generator=1)
+    per_step = masks.GradientMask(mode, beta=0.9, generator=1)
     mean, reads = masks.KeptFractionMean(), []
     assert mean.value() == 1.0  # no step: nothing was masked
     for g_u, g_c in steps:
         deferred.direction(g_u, g_c)
         count = deferred.kept_count
-        assert isinstance(count, int) if mode in ("none", "focus") else (count.dim() == 0 and count.dtype == torch.int64)
+        if mode in ("none", "focus"):
+            assert isinstance(count, int)
+        else:
+            assert count.dim() == 0 and count.dtype == torch.int64
         mean.add(deferred)
         per_step.direction(g_u, g_c)
         reads.append(per_step.kept_fraction)

@@ -22,8 +22,8 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: threads only fight over th
 
 def readme_command(save_dir: str, *extra: str) -> list[str]:
     return ["--save_dir", save_dir, "--mask", f"{save_dir}/1resnet18_ep{EPOCHS}model_SA_best.pth.tar",
-            "--unlearn", "VarGrad", "--unlearn_epochs", str(UNLEARN_EPOCHS), "--unlearn_lr", "0.0001", "--data", "./data",
-            "--dataset", "digits", "--seed", "1", "--arch", "resnet18", "--epochs", str(EPOCHS),
+            "--unlearn", "VarGrad", "--unlearn_epochs", str(UNLEARN_EPOCHS), "--unlearn_lr", "0.0001",
+            "--data", "./data", "--dataset", "digits", "--seed", "1", "--arch", "resnet18", "--epochs", str(EPOCHS),
             "--num_indexes_to_replace", "130", "--beta", "0.9", "--quantile", "0.55", "--class_to_replace", "-1",
             "--width", "4", "--no-progress", *extra]
 
@@ -93,6 +93,8 @@ def remote_run(mlflow_server, tmp_path_factory):
     return mlflow_server, cwd, proc
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_readme_command_against_a_tracking_server(remote_run):
     from mlflow.tracking import MlflowClient
 
@@ -157,6 +159,8 @@ def test_readme_command_against_a_tracking_server(remote_run):
     assert json.loads(local.read_text())["UA"] == pytest.approx(result["UA"])
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_sqlite_default_in_the_working_directory(remote_run, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -178,6 +182,7 @@ def test_sqlite_default_in_the_working_directory(remote_run, tmp_path):
     assert "rawcheckpoint.pth.tar" in {p.name for p in (tmp_path / "results" / "digits").iterdir()}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("script", ["mlflow_forget.py", "benchmark.py"])
 def test_unreachable_server_is_one_line_and_writes_nothing(script, tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"
@@ -191,6 +196,8 @@ def test_unreachable_server_is_one_line_and_writes_nothing(script, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_tracking_outage_keeps_the_local_result(remote_run, tmp_path, capsys):
     """The server goes away after the run started: one warning, the run finishes, the result JSON is written."""
     import torch
@@ -275,6 +282,8 @@ def tracked_benchmark(tmp_path_factory):
     return uri, cwd, proc
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_tracked_benchmark_reads_back_complete(tracked_benchmark):
     from mlflow.tracking import MlflowClient
 

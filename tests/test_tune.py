@@ -2,7 +2,6 @@
 selection by hand-computed scores, the tuned file through --config, bad input, and a tiny end-to-end run."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -13,15 +12,30 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_main
 from sweep.settings import Settings, default_config_path, load_settings_file, method_combos
-from sweep.tune import (CRITERIA, design, epoch_scores, epochs_flag, evaluation_cells, plan_from_args, search_space,
-                        select, trial_values, tuning_cells)
+from sweep.tune import (
+    CRITERIA,
+    design,
+    design_values,
+    epoch_scores,
+    epochs_flag,
+    evaluation_cells,
+    plan_from_args,
+    search_space,
+    select,
+    trial_values,
+    tuning_cells,
+)
 from unlearn import HParam, list_methods, match_methods, method_hparams, resolve_method
 from unlearn.hparams import searched
-from unlearn.registry import METHODS
 
 REFERENCE_ROWS = {"raw", "retrain"}  # the original model and the Retrain reference: nothing to tune
+
+
+def benchmark_here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`benchmark` in this process (`run_main`): for runs that stop before any cell (bad input, --emit-commands)."""
+    return run_main("benchmark.py", *args, cwd=cwd, env={"MLFLOW_TRACKING_URI": None, "OMP_NUM_THREADS": "1"})
 
 
 def benchmark(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -83,13 +97,22 @@ def test_design_points_by_hand():
 
 
 def test_trial_values_by_hand():
-    # NGPlus: lr log-uniform on [1e-4, 1e-2] at u = 1/8, 3/8, 5/8, 7/8 -> 10^(-4 + 2u), 3 significant digits;
+    # lr log-uniform on [1e-4, 1e-2] at u = 1/8, 3/8, 5/8, 7/8 -> 10^(-4 + 2u), 3 significant digits;
     # epochs at the declared maximum (the epoch is read off per-epoch evaluation).
-    assert trial_values("NGPlus", 4) == [{"unlearn_lr": lr, "unlearn_epochs": 20}
-                                         for lr in (0.000178, 0.000562, 0.00178, 0.00562)]
+    space = {"unlearn_lr": ("log", 1e-4, 1e-2), "unlearn_epochs": ("per_epoch", 20)}
+    assert design_values(space, 4) == [{"unlearn_lr": lr, "unlearn_epochs": 20}
+                                       for lr in (0.000178, 0.000562, 0.00178, 0.00562)]
+    # A horizon-dependent method: the same learning rates (first coordinate), the epochs along the second coordinate
+    # (radical inverse in base 2 of 1..4 = 0.5, 0.25, 0.75, 0.125) cut into 20 equal parts: 1 + floor(20 u).
+    assert design_values(space, 4, epochs_in_design=True) == [
+        {"unlearn_lr": 0.000178, "unlearn_epochs": 11}, {"unlearn_lr": 0.000562, "unlearn_epochs": 6},
+        {"unlearn_lr": 0.00178, "unlearn_epochs": 16}, {"unlearn_lr": 0.00562, "unlearn_epochs": 3}]
     # SSD: alpha log on [1, 30] along the first coordinate, lambda linear on [0.25, 1] along the second.
-    first = trial_values("SSD", 4)[0]
+    first = design_values({"alpha": ("log", 1.0, 30.0), "ssd_lambda": ("linear", 0.25, 1.0)}, 4)[0]
     assert first == {"alpha": float(f"{30 ** 0.125:.3g}"), "ssd_lambda": 0.625}
+    # The registry's declarations go through the same function.
+    assert trial_values("NGPlus", 8) == design_values(search_space("NGPlus"), 8)
+    assert trial_values("FT_l1", 8) == design_values(search_space("FT_l1"), 8, epochs_in_design=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -97,8 +120,8 @@ def test_trial_values_by_hand():
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _result(*epochs: tuple[float, float, float, float]) -> dict:
-    """Curves of one cell: per epoch (avg_gap, forget accuracy, retain accuracy, validation accuracy)."""
-    return {"curves": [{"epoch": e + 1, "avg_gap": g, "accuracy": {"forget": f, "retain": r, "val": v}}
+    """Curves of one cell: per epoch (val_gap, forget accuracy, retain accuracy, validation accuracy)."""
+    return {"curves": [{"epoch": e + 1, "val_gap": g, "accuracy": {"forget": f, "retain": r, "val": v}}
                        for e, (g, f, r, v) in enumerate(epochs)]}
 
 
@@ -125,7 +148,7 @@ def test_selection_ties_go_to_the_earlier_trial_and_fewer_epochs():
 
 
 def test_one_shot_result_without_curves_scores_its_final_numbers():
-    result = {"avg_gap": 1.5, "epochs_run": 1, "accuracy": {"forget": 90.0, "retain": 99.0, "val": 88.0}}
+    result = {"val_gap": 1.5, "epochs_run": 1, "accuracy": {"forget": 90.0, "retain": 99.0, "val": 88.0}}
     assert epoch_scores(result, "random", "gap") == {1: 1.5}
     assert epoch_scores(result, "random", "retrain_free") == {1: 3.0}
     assert set(CRITERIA) == {"gap", "retrain_free"}
@@ -159,8 +182,8 @@ def test_tuning_and_evaluation_cells_never_share_a_seed_or_a_class(tmp_path):
 
     tune_seeds, tune_classes = seeds_and_classes(tune_cells)
     eval_seeds, eval_classes = seeds_and_classes(eval_cells)
-    assert tune_seeds == {101, 102} and eval_seeds == {1, 2, 3, 4, 5}
-    assert tune_classes == {3, 7} and eval_classes == {0, 1, 2}
+    assert tune_seeds == {101, 102} and eval_seeds == set(range(1, 12))
+    assert tune_classes == {3, 7} and eval_classes == {0, 1, 2, 4, 5, 6, 8, 9}  # every class nobody tuned on
     assert not tune_seeds & eval_seeds and not tune_classes & eval_classes
     # Equal budget: 3 trials x 2 seeds x (1 random + 2 classes) per configuration.
     assert Counter(config for config, _ in trial_of.values()) == {"GA": 18, "VarGrad": 18, "SSD": 18}
@@ -200,15 +223,17 @@ def test_plain_benchmark_uses_the_shipped_tuned_file_and_says_so(tmp_path):
     for extra, expected in (([], "tuned_digits_noisy.json"),
                             (["--config", str(ROOT / "configs" / "benchmark_digits_noisy.json")],
                              "benchmark_digits_noisy.json")):
-        proc = benchmark("--methods", "GA", "--seeds", "1", "--scenarios", "random", "--emit-commands",
-                         str(tmp_path / "cells.txt"), "--no-track", "--out", str(tmp_path / "out"), *extra, cwd=tmp_path)
+        proc = benchmark_here("--methods", "GA", "--seeds", "1", "--scenarios", "random", "--emit-commands",
+                              str(tmp_path / "cells.txt"), "--no-track", "--out", str(tmp_path / "out"), *extra,
+                              cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "digits_noisy: hyper-parameters from" in proc.stdout and expected in proc.stdout, proc.stdout
 
 
 def test_shipped_tuned_file_is_complete_and_loads():
     """Every registered configuration with a search space has a tuned entry for both scenarios, chosen from the
-    declared space (an lr of its design, an epoch within its maximum), and the provenance says how it was made."""
+    space the provenance records (an lr of its design, an epoch within its maximum), and the provenance says how it
+    was made."""
     shipped = ROOT / "configs" / "tuned_digits_noisy.json"
     payload = load_settings_file(shipped, "hyper-parameter file")
     provenance = payload["provenance"]
@@ -221,13 +246,15 @@ def test_shipped_tuned_file_is_complete_and_loads():
     for name in tuned_names:
         scenarios = payload[name]["scenarios"]
         assert set(scenarios) == {"random", "classwise"}, name
+        recorded = {flag: tuple(space) for flag, space in provenance["search_space"][name].items()}
         for values in scenarios.values():
-            design = trial_values(name, provenance["trials_per_method"])
-            searched = {flag for flag, space in search_space(name).items() if space[0] != "per_epoch"}
+            design = design_values(recorded, provenance["trials_per_method"],
+                                   name in provenance.get("epochs_in_design", {}))
+            searched = {flag for flag, space in recorded.items() if space[0] != "per_epoch"}
             assert {flag: values[flag] for flag in searched} in [{f: t[f] for f in searched} for t in design], name
             epochs = epochs_flag(name)
             if epochs is not None:
-                assert 1 <= values[epochs] <= search_space(name)[epochs][1], name
+                assert 1 <= values[epochs] <= recorded[epochs][1], name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -238,7 +265,8 @@ def test_shipped_tuned_file_is_complete_and_loads():
     (["--trials", "0"], "--trials"),
     (["--tune-seeds", "3", "101"], "also an evaluation seed"),
     (["--seeds", "1", "101", "--tune-seeds", "101"], "also an evaluation seed"),
-    (["--tune-classes", "0"], "also an evaluation class"),
+    (["--tune-classes", "0", "--forget_classes", "0", "1"], "also an evaluation class"),
+    (["--forget_class", "0"], "--tune draws one held-out class per seed"),
     (["--forget_classes", "10"], "has classes 0-9"),
     (["--tune-classes", "-1"], "--tune-classes"),
     (["--select", "best"], "--select"),
@@ -246,61 +274,88 @@ def test_shipped_tuned_file_is_complete_and_loads():
     (["--config", "configs/benchmark_digits_noisy.json"], "--config cannot be combined"),
 ])
 def test_bad_tune_input_is_one_line_before_any_work(tmp_path, argv, message):
-    proc = benchmark("--tune", "--no-track", "--out", str(tmp_path / "out"), *argv, cwd=tmp_path)
+    proc = benchmark_here("--tune", "--no-track", "--out", str(tmp_path / "out"), *argv, cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-@pytest.mark.parametrize("argv", [["--forget_classes", "0", "1"], ["--trials", "3"], ["--select", "gap"],
+@pytest.mark.parametrize("argv", [["--trials", "3"], ["--select", "gap"],
                                   ["--tune-seeds", "9"], ["--no-compare-select"]])
 def test_tune_flags_need_tune(tmp_path, argv):
-    proc = benchmark(*argv, "--no-track", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    proc = benchmark_here(*argv, "--no-track", "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == 2 and f"{argv[0].replace('--no-', '--')} needs --tune" in proc.stderr, proc.stderr
+
+
+# One masked configuration (VarGrad), 2 trials, one tuning seed and class; 6 held-out seeds, the fewest with which the
+# paired test can reach p < 0.05. Class-wise, seed s forgets the s-th class of the pool 0 1 2 4 5 6 ... (no 3).
+TINY_TUNE = ["--tune", "--datasets", "digits", "--epochs", "2", "--width", "4", "--methods", "VarGrad",
+             "--trials", "2", "--seeds", "1", "2", "3", "4", "5", "6", "--tune-seeds", "11", "--tune-classes", "3",
+             "--epoch-eval", "none", "--jobs", "2", "--no-progress", "--out", "out"]
+TINY_EVAL_CLASSES = {1: 0, 2: 1, 3: 2, 4: 4, 5: 5, 6: 6}
 
 
 @pytest.fixture(scope="module")
 def tiny_tune(tmp_path_factory):
-    """Two methods (GA; VarGrad, a masked configuration), 2 trials, one tuning seed and class, tracked."""
+    """TINY_TUNE, tracked (the trials evaluate every epoch whatever --epoch-eval says; the held-out cells do not)."""
     cwd = tmp_path_factory.mktemp("tune")
-    proc = benchmark("--tune", "--datasets", "digits", "--epochs", "2", "--width", "4", "--methods", "GA", "VarGrad",
-                     "--trials", "2", "--seeds", "1", "--tune-seeds", "11", "--tune-classes", "3", "--forget_classes",
-                     "0", "--jobs", "2", "--no-progress", "--out", "out", cwd=cwd)
-    return cwd, proc
+    return cwd, benchmark(*TINY_TUNE, cwd=cwd, timeout=1200)  # the whole protocol: a guard against a hang, not a budget
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_tiny_tune_end_to_end(tiny_tune):
     cwd, proc = tiny_tune
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = cwd / "out"
     tuned = json.loads((out / "tuned.json").read_text())
-    assert set(tuned) == {"GA", "VarGrad", "provenance"}
+    assert set(tuned) == {"VarGrad", "provenance"}
     provenance = tuned["provenance"]
     assert provenance["criterion"] == "gap" and provenance["trials_per_method"] == 2
     assert provenance["tune_seeds"] == [11] and provenance["tune_classes"] == [3]
-    assert provenance["search_space"]["VarGrad"]["unlearn_lr"] == ["log", 0.0001, 0.01]
+    assert provenance["eval_classes"] == {str(seed): c for seed, c in TINY_EVAL_CLASSES.items()}
+    assert provenance["units"]["tuning"]["classwise"] == {"11": {"train_seed": 11, "forget_classes": [3]}}
+    assert provenance["units"]["evaluation"]["classwise"] == {
+        str(seed): {"train_seed": seed, "forget_classes": [c]} for seed, c in TINY_EVAL_CLASSES.items()}
+    assert provenance["search_space"]["VarGrad"]["unlearn_lr"] == list(search_space("VarGrad")["unlearn_lr"])
+    # Where each choice ended: a flag per dimension on an edge of what was tried (2 trials: both lrs are edges).
+    on_edge = provenance["methods"]["VarGrad"]["on_edge"]
+    assert set(on_edge) == {"random", "classwise"}
+    assert all(edge.get("unlearn_lr") in ("low", "high") for edge in on_edge.values())
+    assert all((out / "tune" / f"sensitivity_{s}.png").stat().st_size > 0 for s in ("random", "classwise"))
 
-    # Equal budget, counted from what ran: 2 trials x 1 seed x (1 random + 1 class) for each configuration.
+    # The budget, counted from what ran: 2 trials x 1 seed x (1 random + 1 class).
     sweep = json.loads((out / "tune" / "sweep.json").read_text())
     counts = Counter(" ".join(c["names"]) for c in sweep["cells"].values() if c["kind"] == "method")
-    assert counts == {"GA": 4, "VarGrad": 4}
+    assert counts == {"VarGrad": 4}
     assert all(t["status"] == "ok" for t in sweep["timings"].values())
 
     # The shipped values are a trial's learning rate and an epoch its curves reached, and the held-out cells ran them.
-    for name, max_epochs in (("GA", 10), ("VarGrad", 20)):
-        for scenario, values in tuned[name]["scenarios"].items():
+    for name, max_epochs in (("VarGrad", 20),):
+        for values in tuned[name]["scenarios"].values():
             assert {"unlearn_lr": values["unlearn_lr"], "unlearn_epochs": max_epochs} in trial_values(name, 2)
             assert 1 <= values["unlearn_epochs"] <= max_epochs
     held_out = json.loads((out / "sweep.json").read_text())
     ran = [c for c in held_out["cells"].values() if c["kind"] == "method"]
-    assert {c["seed"] for c in held_out["cells"].values()} == {1}
+    assert {c["seed"] for c in held_out["cells"].values()} == set(TINY_EVAL_CLASSES)
     for cell in ran:
         values = tuned[cell["names"][0]]["scenarios"][cell["scenario"]]
         argv = cell["argv"]
         assert argv[argv.index("--unlearn_lr") + 1] == str(values["unlearn_lr"])
         assert argv[argv.index("--unlearn_epochs") + 1] == str(values["unlearn_epochs"])
 
+    # Each held-out seed is its own replication: its initialisation, and class-wise its own class, in every result.
+    for path in (out / "cells").glob("*.json"):
+        result = json.loads(path.read_text())
+        if "args" not in result:
+            continue
+        args = result["args"]
+        assert args["train_seed"] == args["seed"], path
+        if args["class_to_replace"] >= 0:
+            assert args["class_to_replace"] == TINY_EVAL_CLASSES[args["seed"]], path
+
     results = (out / "results.md").read_text()
+    assert "seed 4 -> class 4" in results
     assert "selected by `--select gap` from 2 trials per method on seeds 11 and classes 3" in results
     comparison = (out / "select_comparison.md").read_text()
     assert "## Selection rules on the held-out cells" in comparison and "| VarGrad | random |" in comparison
@@ -316,15 +371,17 @@ def test_tiny_tune_end_to_end(tiny_tune):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    seeds = Counter(r.info.run_name.rsplit("-seed", 1)[-1] for r in children)  # runs are named <method>-<setting>-seed<n>
-    assert seeds["11"] >= 8 and seeds["1"] >= 4, seeds  # tuning trials and held-out cells under the one parent
+    # runs are named <method>-<setting>-seed<n>
+    seeds = Counter(r.info.run_name.rsplit("-seed", 1)[-1] for r in children)
+    # Tuning trials and held-out cells under the one parent.
+    assert seeds["11"] >= 4 and all(seeds[str(s)] >= 4 for s in TINY_EVAL_CLASSES), seeds
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_tiny_tune_second_invocation_recomputes_nothing(tiny_tune):
     cwd, _ = tiny_tune
-    proc = benchmark("--tune", "--datasets", "digits", "--epochs", "2", "--width", "4", "--methods", "GA", "VarGrad",
-                     "--trials", "2", "--seeds", "1", "--tune-seeds", "11", "--tune-classes", "3", "--forget_classes",
-                     "0", "--jobs", "2", "--no-progress", "--no-track", "--out", "out", cwd=cwd)
+    proc = benchmark(*TINY_TUNE, "--no-track", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "computed 0 cell(s)" in proc.stdout
 

@@ -21,8 +21,8 @@ Defaults follow the paper (Adam, lr 1e-4, beta 0.9, q 0.5, rho 0.9, the authors'
 datasets an epoch has only a few steps (130 forget samples at batch 64 = 3 steps) and lr 1e-4 barely moves the model:
 after 10 epochs the forget accuracy stays at 99-100 % for random forgetting (Retrain: 93.85 %) and falls only to 60-83 %
 for class-wise forgetting (Retrain: 0 %). The bases therefore carry defaults for ``digits`` and ``digits_noisy``
-(:data:`DIGITS_DEFAULTS`, declared with `tune(..., digits=...)`), chosen on digits_noisy (resnet18 width 16, batch 64, beta 0.9, q 0.5,
-seed 1) so that every alias reaches Retrain's forget accuracy in both scenarios:
+(:data:`DIGITS_DEFAULTS`, declared with `tune(..., digits=...)`), chosen on digits_noisy (resnet18 width 16, batch 64,
+beta 0.9, q 0.5, seed 1) so that every alias reaches Retrain's forget accuracy in both scenarios:
 
 =============  ======================  =========================================================================
 base           digits default          measured Avg. Gap to Retrain (random 130 / class 3; raw model 3.81 / 50.04)
@@ -38,12 +38,13 @@ Any explicit ``--unlearn_lr`` / ``--unlearn_epochs`` / ``--beta`` replaces these
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Iterator, Mapping, Optional
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from unlearn.common import AUGMENT, BATCH_SIZE, EPOCHS, LR, augment_for_epoch, wrong_labels
+from unlearn.common import AUGMENT, BATCH_SIZE, EPOCHS, LR, MAX_TUNED_EPOCHS, augment_for_epoch, wrong_labels
 from unlearn.hparams import HParam, searched, tune
 from unlearn.masks import GradientMask, KeptFractionMean, addon_hparams, collect_grads
 from unlearn.registry import UnlearnMethod, register_alias, register_method
@@ -96,16 +97,17 @@ class BiObjectiveMethod(UnlearnMethod):
 
     Subclasses define :meth:`forget_loss` and :meth:`retain_loss` (each a single forward of the model). Per run
     (:meth:`setup`): one Adam optimiser (betas (0.9, 0.999), eps 1e-8, no weight decay) and one
-    :class:`GradientMask`. Per epoch: a new shuffled forget loader and retain loader, exactly one retain batch per forget
-    batch (a new retain pass starts when the retain set runs out). Per step: see :meth:`step`.
+    :class:`GradientMask`. Per epoch: a new shuffled forget loader and retain loader, exactly one retain batch per
+    forget batch (a new retain pass starts when the retain set runs out). Per step: see :meth:`step`.
     """
 
     supports_grad_mask = True
     #: The paper's values (Adam lr 1e-4, 10 epochs, beta 0.9); the add-on mode adds its own (`masks.addon_hparams`).
     hparams: ClassVar[tuple[HParam, ...]] = tune((LR, EPOCHS, BETA, AUGMENT, BATCH_SIZE), lr=1e-4, epochs=10)
-    #: `benchmark.py --tune`: Adam learning rate on a log scale, epochs read off per-epoch evaluation up to 20; beta
-    #: and the add-on's q stay at their defaults, so a masked alias gets the same number of trials as its base.
-    hparams = searched(hparams, lr=("log", 1e-4, 1e-2), epochs=("per_epoch", 20))
+    #: `benchmark.py --tune`: Adam learning rate on a log scale (3 decades), epochs read off per-epoch evaluation up
+    #: to the common maximum; beta and the add-on's q stay at their defaults, so a masked alias gets the same number
+    #: of trials as its base.
+    hparams = searched(hparams, lr=("log", 3e-5, 3e-2), epochs=("per_epoch", MAX_TUNED_EPOCHS))
     #: True when the saliency gradients of mode ``saliency`` (-CE with true labels on the forget batch) are g_U itself.
     forget_loss_is_saliency: ClassVar[bool] = False
     #: How gradients are cleared between the backward passes (both are correct because g_U is cloned; tests use both).
@@ -119,8 +121,8 @@ class BiObjectiveMethod(UnlearnMethod):
         self.lr: float = self.hp["lr"]
         self.batch_size: int = self.hp["batch_size"]
         self.params: list[torch.nn.Parameter] = list(self.model.parameters())
-        self.optimizer: Optional[torch.optim.Adam] = None
-        self.mask: Optional[GradientMask] = None
+        self.optimizer: torch.optim.Adam | None = None
+        self.mask: GradientMask | None = None
 
     # -- what a base defines ----------------------------------------------------------------------------------------
 
@@ -284,7 +286,7 @@ class SCRUB(BiObjectiveMethod):
         super().__init__(ctx)
         self.scrub_kl: str = self.hp["scrub_kl"]
         self.divergence = TEACHER_STUDENT_TERMS[self.scrub_kl]
-        self.teacher: Optional[torch.nn.Module] = None
+        self.teacher: torch.nn.Module | None = None
 
     def setup(self) -> None:
         self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)

@@ -5,6 +5,8 @@ evaluation and tracking) runs outside the timer.
 
 The divergence guard looks at the whole state of the model, parameters and buffers: a huge step can leave finite
 weights but an infinite BatchNorm running variance, and such a model predicts garbage in eval mode just the same.
+It also looks at what the model computes: weights can all be finite and still so large (1e20) that the logits on a
+fixed probe batch of forget and retain images are not; that epoch counts as diverged too.
 It runs once per epoch, like every read of a device value: the methods keep their statistics (losses, kept fractions)
 on the device during the epoch and return them as floats at its end, so a GPU never waits for the host between steps.
 """
@@ -12,14 +14,23 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from dataset import SplitData, to_unit_float
 from unlearn.registry import UnlearnMethod
-from utils import DivergenceError, Stopwatch, UserError, to_channels_last
+from utils import (
+    DivergenceError,
+    Stopwatch,
+    UserError,
+    batch_channels_last,
+    forward_precision,
+    temporarily_eval,
+    to_channels_last,
+)
 
 EpochCallback = Callable[[int, torch.nn.Module, dict, float], None]
 
@@ -46,14 +57,36 @@ def _loss_is_finite(loss: object) -> bool:
     return loss is None or math.isfinite(float(loss))
 
 
+PROBE_SIZE = 64  # samples per part (forget, retain) whose outputs the guard checks after every epoch
+
+
+def output_probe(data: SplitData | None) -> torch.Tensor | None:
+    """A fixed batch of unaugmented forget and retain images: finite weights can still give inf/NaN logits (GA that
+    ran away left weights near 1e20), and such a model is as useless as one with inf weights. None without data."""
+    if data is None:
+        return None
+    parts = [data.tensors(part)[0][:PROBE_SIZE] for part in ("forget", "retain")]
+    images = torch.cat([part for part in parts if len(part)])
+    return to_unit_float(images) if len(images) else None
+
+
+@torch.no_grad()
+def outputs_are_finite(model: torch.nn.Module, probe: torch.Tensor | None, amp: str = "off") -> bool:
+    """True when the model's eval-mode logits on `probe` are all finite (one host sync; the mode is restored)."""
+    if probe is None:
+        return True
+    with temporarily_eval(model), forward_precision(amp, probe.device):
+        return bool(torch.isfinite(model(batch_channels_last(probe, amp))).all())
+
+
 def run_unlearning(method: UnlearnMethod, epochs: int, on_epoch: EpochCallback | None = None,
                    progress: bool = True) -> UnlearnOutcome:
     """Run `method` for `epochs` epochs (one pass for one-shot methods).
 
-    `on_epoch(epoch, eval_model, stats, rte_so_far)` is called after every epoch, outside the timer. A non-finite loss or
-    a non-finite parameter or buffer stops the run: the last state whose parameters and buffers were all finite is
-    restored and DivergenceError(epoch) is raised. A model that is not finite to begin with is a UserError, raised
-    before any work.
+    `on_epoch(epoch, eval_model, stats, rte_so_far)` is called after every epoch, outside the timer. A non-finite
+    loss, a non-finite parameter or buffer, or non-finite logits on the probe batch (`output_probe`) stop the run: the
+    last state that passed all three checks is restored and DivergenceError(epoch) is raised. A model that is not
+    finite to begin with is a UserError, raised before any work.
     """
     model = to_channels_last(method.model, method.ctx.amp)  # CUDA with --amp bf16 only; also checks --amp
     if not state_is_finite(model):
@@ -65,6 +98,7 @@ def run_unlearning(method: UnlearnMethod, epochs: int, on_epoch: EpochCallback |
     with watch:
         method.setup()
     last_finite = copy.deepcopy(model.state_dict())  # after setup: setup may change the model (BE's shadow class)
+    probe = output_probe(method.ctx.data)
     bar = tqdm(range(1, epochs + 1), desc=f"unlearn {method.name}", disable=None if progress else True, leave=False,
                dynamic_ncols=True)
     for epoch in bar:
@@ -78,6 +112,11 @@ def run_unlearning(method: UnlearnMethod, epochs: int, on_epoch: EpochCallback |
             raise DivergenceError(
                 f"{method.name} diverged at epoch {epoch} (loss {loss}); the last finite weights and BatchNorm "
                 f"statistics (epoch {epoch - 1}) were kept; lower --unlearn_lr", epoch)
+        if not outputs_are_finite(method.evaluation_model(), probe, method.ctx.amp):
+            model.load_state_dict(last_finite)
+            raise DivergenceError(
+                f"{method.name} diverged at epoch {epoch}: finite weights but non-finite outputs; the last weights "
+                f"with finite outputs (epoch {epoch - 1}) were kept; lower --unlearn_lr", epoch)
         last_finite = copy.deepcopy(model.state_dict())
         stats_per_epoch.append(stats)
         if stats:

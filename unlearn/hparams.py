@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from utils import UserError
 
@@ -18,9 +19,9 @@ from utils import UserError
 class _Unset:
     """Marks "no value declared" where None is itself a legal value."""
 
-    _instance: "_Unset | None" = None
+    _instance: _Unset | None = None
 
-    def __new__(cls) -> "_Unset":
+    def __new__(cls) -> _Unset:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -96,7 +97,7 @@ class HParam:
         # A declaration whose own defaults break its rules is a programming error, found at import time.
         try:
             self.validate(self.default)
-            for dataset, value in self.dataset_defaults.items():
+            for _dataset, value in self.dataset_defaults.items():
                 self.validate(value)
             if self.paper_era is not UNSET:
                 self.validate(self.paper_era)
@@ -181,7 +182,7 @@ class HParam:
             self.check(coerced)
         return coerced
 
-    def replace(self, **changes: Any) -> "HParam":
+    def replace(self, **changes: Any) -> HParam:
         """A copy with some fields changed (a method's own default, range or help). Renaming the flag also renames the
         generated option unless `options` is given."""
         if "flag" in changes and "options" not in changes and self.options == (f"--{self.flag}",):
@@ -224,7 +225,8 @@ def check_search(hp: HParam) -> None:
                                  f"int maximum, got {hp.search}")
             hp.validate(rest[0])
     except UserError as exc:
-        raise ValueError(f"hyper-parameter {hp.name}: search space {hp.search} leaves the allowed range ({exc})") from exc
+        raise ValueError(f"hyper-parameter {hp.name}: search space {hp.search} leaves the allowed range "
+                         f"({exc})") from exc
 
 
 def searched(hparams: Iterable[HParam], **spaces: tuple) -> tuple[HParam, ...]:
@@ -237,8 +239,9 @@ def searched(hparams: Iterable[HParam], **spaces: tuple) -> tuple[HParam, ...]:
 
 
 def tune(hparams: Iterable[HParam], digits: Mapping[str, Any] | None = None, **defaults: Any) -> tuple[HParam, ...]:
-    """`hparams` with new method defaults (`defaults`, by name) and defaults on the shipped digits datasets (`digits`,
-    by name; both `digits` and `digits_noisy`: the noisy variant is where they were chosen, plain digits shares them)."""
+    """`hparams` with new method defaults (`defaults`, by name) and defaults on the shipped digits datasets
+    (`digits`, by name; both `digits` and `digits_noisy`: the noisy variant is where they were chosen, plain digits
+    shares them)."""
     hparams = tuple(hparams)
     names = {hp.name for hp in hparams}
     unknown = sorted((set(defaults) | set(digits or {})) - names)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -53,29 +53,30 @@ __all__ = [
     "KeptFractionMean",
 ]
 
-MASK_MODES: Tuple[str, ...] = ("none", "and", "prob", "focus", "opt", "focus_opt", "saliency", "bernoulli")
+MASK_MODES: tuple[str, ...] = ("none", "and", "prob", "focus", "opt", "focus_opt", "saliency", "bernoulli")
 #: Modes that need the focus vector pi, hence the noise state V_U, V_C ("uses pi" in the table above).
-FOCUS_MODES: Tuple[str, ...] = ("prob", "focus", "focus_opt", "bernoulli")
+FOCUS_MODES: tuple[str, ...] = ("prob", "focus", "focus_opt", "bernoulli")
 #: ``code``: the authors' swapped-weight update V <- rho*g^2 + (1-rho)*V;
 #: ``standard``: the conventional V <- rho*V + (1-rho)*g^2.
-EMA_VARIANTS: Tuple[str, ...] = ("code", "standard")
+EMA_VARIANTS: tuple[str, ...] = ("code", "standard")
 #: Added to V inside the square root.
 EPS = 1e-8
 
 _OPT_MODES = ("opt", "focus_opt")
 #: Modes whose threshold is the quantile q.
-QUANTILE_MODES: Tuple[str, ...] = ("prob", "saliency")
+QUANTILE_MODES: tuple[str, ...] = ("prob", "saliency")
 
 # The add-on's own hyper-parameters (beta belongs to the bases: every mode, "none" included, mixes with it).
 QUANTILE = HParam("quantile", float, 0.5, "mask threshold q (prob) / per-tensor saliency quantile (saliency)",
                   low=0.0, high=1.0, low_open=True, high_open=True)
 RHO = HParam("rho", float, 0.9, "weight of the noise-model EMA behind the focus vector", low=0.0, high=1.0,
              low_open=True, high_open=True)
-EMA = HParam("ema", str, "code", "noise-model update: code = the authors' (swapped weights), standard = conventional EMA",
+EMA = HParam("ema", str, "code",
+             "noise-model update: code = the authors' (swapped weights), standard = conventional EMA",
              choices=EMA_VARIANTS)
 
 
-def addon_hparams(mode: Optional[str] = None) -> Tuple[HParam, ...]:
+def addon_hparams(mode: str | None = None) -> tuple[HParam, ...]:
     """The hyper-parameters add-on `mode` reads (every mode's with None). An unknown mode is a one-line UserError."""
     if mode is None:
         return (QUANTILE, RHO, EMA)
@@ -83,7 +84,7 @@ def addon_hparams(mode: Optional[str] = None) -> Tuple[HParam, ...]:
         raise UserError(f"unknown --grad_mask '{mode}'; allowed: {', '.join(MASK_MODES)}")
     return ((QUANTILE,) if mode in QUANTILE_MODES else ()) + ((RHO, EMA) if mode in FOCUS_MODES else ())
 
-_GeneratorSpec = Union[None, int, torch.Generator]
+_GeneratorSpec = None | int | torch.Generator
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def _normal_cdf(x: float) -> float:
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
 
-def focus_bounds(rho: float = 0.9, ema: str = "code") -> Tuple[float, float]:
+def focus_bounds(rho: float = 0.9, ema: str = "code") -> tuple[float, float]:
     """Range ``(pi_min, pi_max)`` of the focus vector pi from the second step of a run on (docs/methods.md).
 
     V includes the current squared gradient, so |s| = |g|/sqrt(V + eps) is bounded by b = 1/sqrt(rho) under
@@ -160,7 +161,7 @@ def _unreachable_quantile_message(quantile: float, rho: float, ema: str) -> str:
 
 #: Device types on which the OPT cut-off is searched on the host (see `opt_keep_mask`). A CPU has no queue of kernels
 #: that a host read would wait for; on accelerators the search stays on the device, with no synchronisation.
-HOST_SEARCH_DEVICE_TYPES: Tuple[str, ...] = ("cpu",)
+HOST_SEARCH_DEVICE_TYPES: tuple[str, ...] = ("cpu",)
 
 # CPU search for the OPT cut-off: first among the k = max(1024, n/16) most conflicting coordinates only, since the
 # removed prefix is often short (about 2 % of the coordinates on independent Gaussian gradients); a full sort
@@ -228,7 +229,7 @@ def _opt_keep_mask(u: torch.Tensor, c: torch.Tensor, beta: float, incremental: b
     return torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted).view(u.shape)
 
 
-def _opt_keep_short_prefix(terms: torch.Tensor, totals: torch.Tensor, beta: float) -> Optional[torch.Tensor]:
+def _opt_keep_short_prefix(terms: torch.Tensor, totals: torch.Tensor, beta: float) -> torch.Tensor | None:
     """The OPT keep-mask when nothing or only a short prefix is removed, without a full sort; None otherwise."""
     n = terms.shape[1]
     if bool(_opt_feasibility(terms[:, :0], totals, beta)[0] >= 0):
@@ -272,7 +273,7 @@ def saliency_keep_mask(scores: torch.Tensor, quantile: float) -> torch.Tensor:
     return magnitude >= threshold
 
 
-def _nonnegative_indicator_(values: List[torch.Tensor]) -> List[torch.Tensor]:
+def _nonnegative_indicator_(values: list[torch.Tensor]) -> list[torch.Tensor]:
     """In place, x -> 1[x >= 0] (1.0 / 0.0) for a list of tensors, with three multi-tensor kernels.
 
     sign(x) + 1 is 0 for x < 0 and 1 or 2 for x >= 0 (also for -0.0); clamping at 1 gives the indicator. For
@@ -288,7 +289,7 @@ def _nonnegative_indicator_(values: List[torch.Tensor]) -> List[torch.Tensor]:
 # Gradient collection
 
 
-def collect_grads(params: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+def collect_grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """Detached copies of every parameter's ``.grad``, zeros for a parameter whose ``.grad`` is None.
 
     The unlearning loop must clone g_U (and the saliency gradients) before the retain backward: ``zero_grad`` with
@@ -319,12 +320,12 @@ class KeptFractionMean:
     """
 
     def __init__(self) -> None:
-        self._steps: List[Tuple[Union[int, torch.Tensor], int]] = []
+        self._steps: list[tuple[int | torch.Tensor, int]] = []
 
     def __len__(self) -> int:
         return len(self._steps)
 
-    def add(self, mask: "GradientMask") -> None:
+    def add(self, mask: GradientMask) -> None:
         count = mask.kept_count
         if count is None:
             raise ValueError("KeptFractionMean.add needs a mask that has computed a direction")
@@ -392,8 +393,8 @@ class GradientMask:
         self.rho: float = _check_open_unit("rho", rho)
         self.ema: str = _check_ema(ema)
 
-        self._own_generator: Optional[torch.Generator] = None
-        self._seed: Optional[int] = None
+        self._own_generator: torch.Generator | None = None
+        self._seed: int | None = None
         if isinstance(generator, torch.Generator):
             self._own_generator = generator
         elif generator is None:
@@ -413,12 +414,12 @@ class GradientMask:
 
     def reset(self) -> None:
         """Start a new run: clear V_U, V_C, the last focus vector and kept fraction; re-seed seeded generators."""
-        self._v_forget: Optional[List[torch.Tensor]] = None
-        self._v_retain: Optional[List[torch.Tensor]] = None
-        self._last_focus: Optional[List[torch.Tensor]] = None
-        self._kept_masks: Optional[List[torch.Tensor]] = None
-        self._kept_count: Union[None, int, torch.Tensor] = None
-        self._kept_fraction: Optional[float] = None
+        self._v_forget: list[torch.Tensor] | None = None
+        self._v_retain: list[torch.Tensor] | None = None
+        self._last_focus: list[torch.Tensor] | None = None
+        self._kept_masks: list[torch.Tensor] | None = None
+        self._kept_count: None | int | torch.Tensor = None
+        self._kept_fraction: float | None = None
         self._num_elements = 0
         self._generators = {}
 
@@ -433,19 +434,19 @@ class GradientMask:
         return self.mode == "saliency"
 
     @property
-    def noise_state(self) -> Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+    def noise_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """The live buffers ``(V_U, V_C)``, one tensor per parameter, or None before the first step (read only)."""
         if self._v_forget is None:
             return None
         return self._v_forget, self._v_retain
 
     @property
-    def last_focus(self) -> Optional[List[torch.Tensor]]:
+    def last_focus(self) -> list[torch.Tensor] | None:
         """pi per tensor from the last call; None in modes without pi and before the first call."""
         return self._last_focus
 
     @property
-    def kept_fraction(self) -> Optional[float]:
+    def kept_fraction(self) -> float | None:
         """Fraction of coordinates kept by the last call, over all tensors weighted by size (None before a call).
 
         1.0 for ``none`` and ``focus``; the kept share of M for ``opt``/``focus_opt``; the drawn share for
@@ -460,7 +461,7 @@ class GradientMask:
         return self._kept_fraction
 
     @property
-    def kept_count(self) -> Union[None, int, torch.Tensor]:
+    def kept_count(self) -> None | int | torch.Tensor:
         """Number of coordinates kept by the last call, without a host synchronisation (None before a call).
 
         A 0-d int64 tensor on the gradients' device for the modes that mask, counted on the device; a Python int for
@@ -489,8 +490,8 @@ class GradientMask:
         self,
         forget_grads: Sequence[torch.Tensor],
         retain_grads: Sequence[torch.Tensor],
-        saliency_grads: Optional[Sequence[torch.Tensor]] = None,
-    ) -> List[torch.Tensor]:
+        saliency_grads: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
         """Update directions d~ for one step (what goes into ``.grad`` before the optimiser step).
 
         Args:
@@ -506,7 +507,7 @@ class GradientMask:
         g_u = list(forget_grads)
         g_c = list(retain_grads)
         self._check_gradients(g_u, g_c, "retain_grads")
-        scores: Optional[List[torch.Tensor]] = None
+        scores: list[torch.Tensor] | None = None
         if self.mode == "saliency":
             scores = g_u if saliency_grads is None else list(saliency_grads)
             self._check_gradients(g_u, scores, "saliency_grads")
@@ -558,7 +559,7 @@ class GradientMask:
 
     # -- internals --------------------------------------------------------------------------------------------------
 
-    def _keep(self, d: List[torch.Tensor], masks: List[torch.Tensor]) -> None:
+    def _keep(self, d: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
         """d <- mask * d in place; remember the masks for :attr:`kept_fraction`."""
         if all(m.dtype == dd.dtype for m, dd in zip(masks, d)):
             torch._foreach_mul_(d, masks)
@@ -567,7 +568,7 @@ class GradientMask:
                 dd.mul_(m)
         self._kept_masks = masks
 
-    def _check_gradients(self, first: List[torch.Tensor], other: List[torch.Tensor], other_name: str) -> None:
+    def _check_gradients(self, first: list[torch.Tensor], other: list[torch.Tensor], other_name: str) -> None:
         if len(first) != len(other):
             raise ValueError(
                 f"forget_grads and {other_name} must have one tensor per parameter; got {len(first)} and {len(other)}"
@@ -583,7 +584,7 @@ class GradientMask:
                     f"shapes must match per parameter"
                 )
 
-    def _update_noise(self, state: Optional[List[torch.Tensor]], grads: List[torch.Tensor]) -> List[torch.Tensor]:
+    def _update_noise(self, state: list[torch.Tensor] | None, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """One EMA step of V = E[g^2], in place on the mask's own buffers after the first step."""
         if state is None:
             state = list(torch._foreach_mul(grads, grads))
@@ -602,7 +603,7 @@ class GradientMask:
         return state
 
     @staticmethod
-    def _centred_cdf(grads: List[torch.Tensor], state: List[torch.Tensor]) -> List[torch.Tensor]:
+    def _centred_cdf(grads: list[torch.Tensor], state: list[torch.Tensor]) -> list[torch.Tensor]:
         """erf(s/sqrt(2)) = 2*Phi(s) - 1 with s = g / sqrt(V + eps), computed as erf(g / sqrt(2V + 2eps))."""
         scaled = torch._foreach_mul(state, 2.0)
         torch._foreach_add_(scaled, 2.0 * EPS)
@@ -611,7 +612,7 @@ class GradientMask:
         torch._foreach_erf_(scaled)
         return scaled
 
-    def _focus_vector(self, g_u: List[torch.Tensor], g_c: List[torch.Tensor]) -> List[torch.Tensor]:
+    def _focus_vector(self, g_u: list[torch.Tensor], g_c: list[torch.Tensor]) -> list[torch.Tensor]:
         """Update V_U, V_C with this step's gradients, then pi = p_U*p_C + (1-p_U)*(1-p_C) per tensor.
 
         With p = (1 + e)/2, e = erf(s/sqrt(2)), the same pi is 1/2 + e_U*e_C/2

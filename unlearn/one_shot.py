@@ -1,19 +1,29 @@
-"""One-shot baselines: wfisher (IU, influence unlearning), fisher_new (FF, Fisher forgetting) and SSD (selective synaptic
-dampening). Each computes gradient statistics once (eval mode, test transform; paper-era: train transform) and edits
-the weights in a single pass, so the driver runs one "epoch".
+"""One-shot baselines: wfisher (IU, influence unlearning), fisher_new (FF, Fisher forgetting) and SSD (selective
+synaptic dampening). Each computes gradient statistics once (eval mode, test transform; paper-era: train transform) and
+edits the weights in a single pass, so the driver runs one "epoch".
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dataset import TensorLoader
-from unlearn.common import (ALPHA, BATCH_SIZE, MASK_PATH, Precision, accumulate_gradients, load_mask_file,
-                            require_mask_file, statistics_loader, trainable_parameters)
+from unlearn.common import (
+    ALPHA,
+    BATCH_SIZE,
+    MASK_PATH,
+    Precision,
+    accumulate_gradients,
+    load_mask_file,
+    require_mask_file,
+    statistics_loader,
+    trainable_parameters,
+)
 from unlearn.hparams import HParam, searched, tune
 from unlearn.registry import UnlearnMethod, register_alias, register_method
 from utils import temporarily_eval
@@ -24,7 +34,8 @@ PER_SAMPLE_BYTES = 256 << 20  # memory budget of one chunk of per-sample gradien
 
 SSD_LAMBDA = HParam("ssd_lambda", float, 1.0, "SSD: dampening constant lambda", low=0.0, low_open=True)
 SSD_REFERENCE = HParam("ssd_reference", str, "train",
-                       "SSD: reference set of the importances: train = retain + forget (the paper), retain = retain only",
+                       "SSD: reference set of the importances: train = retain + forget (the paper), "
+                       "retain = retain only",
                        choices=("train", "retain"))
 
 
@@ -46,9 +57,9 @@ def summed_gradient(model: nn.Module, loader: Iterable, precision: Precision = c
 
 
 def per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(batch, n_params) matrix of per-sample CE gradients (the model's current mode; IU uses eval mode). Always float32,
-    whatever --amp says: autocast does not compose with vmap over an eval-mode batch norm (bfloat16 input, float32
-    running statistics), and these gradients only feed two dot products per sample."""
+    """(batch, n_params) matrix of per-sample CE gradients (the model's current mode; IU uses eval mode). Always
+    float32, whatever --amp says: autocast does not compose with vmap over an eval-mode batch norm (bfloat16 input,
+    float32 running statistics), and these gradients only feed two dot products per sample."""
     from torch.func import functional_call, grad, vmap
 
     named = trainable_parameters(model)
@@ -110,7 +121,7 @@ class WFisher(UnlearnMethod):
     summary = "influence unlearning (IU) with the WoodFisher inverse-Hessian approximation"
     hparams = tune((ALPHA.replace(help="IU: scale of the influence update", low_open=True), BATCH_SIZE, MASK_PATH),
                    alpha=10.0, digits={"alpha": 30.0})
-    hparams = searched(hparams, alpha=("log", 1.0, 300.0))
+    hparams = searched(hparams, alpha=("log", 0.1, 300.0))
     one_shot = True
     deterministic = True
 
@@ -212,7 +223,7 @@ class FisherForgetting(UnlearnMethod):
     summary = "Fisher forgetting (FF): Gaussian noise shaped by the inverse retain-set Fisher"
     hparams = tune((ALPHA.replace(help="FF: scale of the noise variance", low_open=True),), alpha=1e-9,
                    digits={"alpha": 3e-6})
-    hparams = searched(hparams, alpha=("log", 1e-7, 1e-4))
+    hparams = searched(hparams, alpha=("log", 1e-8, 1e-4))
     refused_flags = {"mask_path": "its update is noise on every weight"}
     one_shot = True
 
@@ -246,13 +257,14 @@ def diagonal_importance(model: nn.Module, loader: Iterable,
 
 def ssd_dampen_(params: Iterable[torch.Tensor], forget_importance: Iterable[torch.Tensor],
                 reference_importance: Iterable[torch.Tensor], alpha: float, lam: float) -> float:
-    """Where imp_f > alpha * imp_r, multiply the weight by min(lambda * imp_r / imp_f, 1). Returns the dampened fraction."""
+    """Where imp_f > alpha * imp_r, multiply the weight by min(lambda * imp_r / imp_f, 1). Returns the dampened
+    fraction."""
     selected = total = 0
     with torch.no_grad():
         for p, imp_f, imp_r in zip(params, forget_importance, reference_importance):
             where = imp_f > alpha * imp_r
-            factor = torch.where(where, (lam * imp_r / torch.where(where, imp_f, torch.ones_like(imp_f))).clamp(max=1.0),
-                                 torch.ones_like(p))
+            safe_imp_f = torch.where(where, imp_f, torch.ones_like(imp_f))  # no division by zero outside `where`
+            factor = torch.where(where, (lam * imp_r / safe_imp_f).clamp(max=1.0), torch.ones_like(p))
             p.mul_(factor)
             selected += int(where.sum())
             total += p.numel()
@@ -270,7 +282,7 @@ class SSD(UnlearnMethod):
     summary = "selective synaptic dampening of forget-specific weights (Fisher importances)"
     hparams = tune((ALPHA.replace(help="SSD: selection threshold (imp_f > alpha imp_r)"), SSD_LAMBDA, SSD_REFERENCE,
                     BATCH_SIZE), alpha=10.0, digits={"alpha": 5.0, "ssd_lambda": 1.0})
-    hparams = searched(hparams, alpha=("log", 1.0, 30.0), ssd_lambda=("linear", 0.25, 1.0))
+    hparams = searched(hparams, alpha=("log", 1.0, 100.0), ssd_lambda=("linear", 0.1, 2.0))
     refused_flags = {"mask_path": "it selects its own parameters"}
     one_shot = True
     deterministic = True

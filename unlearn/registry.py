@@ -8,8 +8,10 @@ the flag table (`declared_flags`) and the values a run uses (`resolve_hyperparam
 from __future__ import annotations
 
 import fnmatch
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -17,8 +19,8 @@ from unlearn.hparams import UNSET, HParam
 from unlearn.masks import addon_hparams
 from utils import UserError, forward_precision
 
-METHODS: dict[str, type["UnlearnMethod"]] = {}
-ALIASES: dict[str, "Alias"] = {}
+METHODS: dict[str, type[UnlearnMethod]] = {}
+ALIASES: dict[str, Alias] = {}
 
 
 @dataclass
@@ -64,6 +66,13 @@ class UnlearnMethod:
     deterministic: ClassVar[bool] = False     # draws nothing at random: repeated runs give the same model
     supports_grad_mask: ClassVar[bool] = False  # a bi-objective base that the mask add-ons can be applied to
     mask_unsupported_reason: ClassVar[str] = "it is not a bi-objective method"
+    #: Horizon property. False (the default) promises that epoch e of a run of E > e epochs leaves exactly the model
+    #: that a fresh e-epoch run ships (finish included: `evaluation_model` between epochs is what `finish` would
+    #: leave), so `benchmark.py --tune` may read the epoch count off one run's per-epoch curves. True, with a reason
+    #: in `horizon_reason`, marks a method whose updates depend on the total number of epochs (a schedule over E):
+    #: the tuner then makes the epoch count a dimension of its design (tests/test_horizon.py checks both).
+    horizon_dependent: ClassVar[bool] = False
+    horizon_reason: ClassVar[str] = ""
 
     def __init__(self, ctx: UnlearnContext):
         self.ctx = ctx
@@ -140,6 +149,8 @@ def register_method(cls: type[UnlearnMethod]) -> type[UnlearnMethod]:
     if cls.name in METHODS or cls.name in ALIASES:
         raise ValueError(f"method name '{cls.name}' registered twice")
     _check_declarations(cls)
+    if cls.horizon_dependent and (cls.one_shot or not cls.horizon_reason):
+        raise ValueError(f"{cls.__name__}: a horizon-dependent method runs epochs and says why (horizon_reason)")
     METHODS[cls.name] = cls
     return cls
 
@@ -158,6 +169,13 @@ def declared_flags() -> dict[str, HParam]:
                 texts.append(hp.help)
     return {flag: hp if len(helps[flag]) == 1 else hp.replace(help="; ".join(helps[flag]))
             for flag, hp in merged.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def method_flags() -> dict[str, str]:
+    """The method hyper-parameter flags (config-file keys) -> hyper-parameter names, from the declarations. Cached:
+    a sweep asks once per flag of every cell, after every method has been registered (importing `unlearn`)."""
+    return {flag: hp.name for flag, hp in declared_flags().items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -223,7 +241,8 @@ def resolve_method(name: str, grad_mask: str | None = None) -> ResolvedMethod:
         raise UserError(f"unknown method '{name}'; registered: {', '.join(list_methods())}")
     if mask not in (None, "none") and not cls.supports_grad_mask:
         raise UserError(f"--grad_mask {mask} cannot be applied to {cls.name}: {cls.mask_unsupported_reason}; "
-                        f"add-ons apply to bi-objective bases ({', '.join(n for n, c in METHODS.items() if c.supports_grad_mask)})")
+                        f"add-ons apply to bi-objective bases "
+                        f"({', '.join(n for n, c in METHODS.items() if c.supports_grad_mask)})")
     if cls.supports_grad_mask:
         addon_hparams(mask or "none")  # an unknown mode is a one-line error here, before any work
     return ResolvedMethod(name=name, cls=cls, grad_mask=mask, overrides=overrides)

@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, ClassVar, ContextManager, Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -34,9 +35,26 @@ import torch.nn.functional as F
 from dataset import TensorLoader
 from models import get_classifier, set_classifier
 from training import parse_milestones
-from unlearn.common import (ALPHA, AUGMENT, BATCH_SIZE, DECREASING_LR, EPOCHS, LR, MASK_PATH, MOMENTUM, RANDOM_LABELS,
-                            WEIGHT_DECAY, Precision, accumulate_gradients, augment_for_epoch, load_mask_file,
-                            require_mask_file, save_mask, statistics_loader)
+from unlearn.common import (
+    ALPHA,
+    AUGMENT,
+    BATCH_SIZE,
+    DECREASING_LR,
+    EPOCHS,
+    LR,
+    MASK_PATH,
+    MAX_TUNED_EPOCHS,
+    MOMENTUM,
+    RANDOM_LABELS,
+    WEIGHT_DECAY,
+    Precision,
+    accumulate_gradients,
+    augment_for_epoch,
+    load_mask_file,
+    require_mask_file,
+    save_mask,
+    statistics_loader,
+)
 from unlearn.hparams import HParam, searched, tune, without
 from unlearn.registry import UnlearnMethod, register_alias, register_method
 from utils import UserError, temporarily_eval
@@ -52,15 +70,16 @@ MASK_SEMANTICS_HP = HParam("mask_semantics", str, "freeze",
 RL_SCHEDULE = HParam("rl_schedule", str, "mixed",
                      "RL / SalUn schedule: mixed = forget (random labels) and retain shuffled together; sequential = "
                      "a forget pass, then a retain pass", choices=RL_SCHEDULES)
-NO_L1_EPOCHS = HParam("no_l1_epochs", int, 0, "FT_l1: trailing epochs without the l1 penalty", options=("--no-l1-epochs",),
-                      low=0)
+NO_L1_EPOCHS = HParam("no_l1_epochs", int, 0, "FT_l1: trailing epochs without the l1 penalty",
+                      options=("--no-l1-epochs",), low=0)
 SALUN_RATIO = HParam("salun_ratio", float, 0.5, "SalUn: fraction of the weights kept by the saliency mask", low=0.0,
                      high=1.0, low_open=True)
 MASK_RATIO = HParam("mask_ratio", float, 0.5, "SalUn_soft: fraction of the coordinates soft-thresholded at the start",
                     low=0.0, high=1.0, low_open=True)
 SALUN_MASK_PATH_HELP = ("SalUn: saliency mask file, reused when it exists, otherwise computed and saved there "
                         "(default: <save_dir>/salun_mask_<ratio>.pt)")
-RL_LABELS = HParam("rl_labels", str, "wrong", "RL random labels: wrong = never the true class; uniform = upstream's code",
+RL_LABELS = HParam("rl_labels", str, "wrong",
+                   "RL random labels: wrong = never the true class; uniform = upstream's code",
                    choices=tuple(RANDOM_LABELS), paper_era="uniform")
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -82,7 +101,7 @@ def l1_alpha(alpha: float, epoch: int, epochs: int, no_l1_epochs: int) -> float:
 
 def fgsm_neighbour_labels(frozen: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                           step: float = FGSM_STEP,
-                          autocast: Callable[[], ContextManager] = contextlib.nullcontext
+                          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """BS: one FGSM step on the [0, 1] image against the frozen original model, rounded to the 8-bit
     grid; the label is the frozen model's prediction on it ("nearest but incorrect" class, which can equal y).
@@ -256,9 +275,10 @@ class FT(SGDMethod):
     name = "FT"
     summary = "fine-tune on the retain set with cross-entropy (SGD)"
     hparams = tune(SGDMethod.hparams, lr=0.01, epochs=10, digits={"lr": 0.1, "epochs": 10})
-    hparams = searched(hparams, lr=("log", 1e-3, 0.3), epochs=("per_epoch", 10))
+    hparams = searched(hparams, lr=("log", 3e-3, 3.0), epochs=("per_epoch", MAX_TUNED_EPOCHS))
     supports_grad_mask = False
-    mask_unsupported_reason = "FT has no forget gradient (it only descends the retain loss), so there is no second gradient to mask against"
+    mask_unsupported_reason = ("FT has no forget gradient (it only descends the retain loss), "
+                               "so there is no second gradient to mask against")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         for x, y in self.loader("retain", epoch):
@@ -274,9 +294,10 @@ class GA(SGDMethod):
     name = "GA"
     summary = "gradient ascent on the forget-set cross-entropy (SGD)"
     hparams = tune(SGDMethod.hparams, lr=1e-4, epochs=5, digits={"lr": 3e-3, "epochs": 5})
-    hparams = searched(hparams, lr=("log", 1e-4, 1e-2), epochs=("per_epoch", 10))
+    hparams = searched(hparams, lr=("log", 3e-5, 3e-2), epochs=("per_epoch", MAX_TUNED_EPOCHS))
     supports_grad_mask = False
-    mask_unsupported_reason = "GA has no retain gradient (it only ascends the forget loss), so there is no second gradient to mask against"
+    mask_unsupported_reason = ("GA has no retain gradient (it only ascends the forget loss), "
+                               "so there is no second gradient to mask against")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         for x, y in self.loader("forget", epoch):
@@ -290,14 +311,15 @@ class RL(SGDMethod):
 
     `rl_schedule`: `mixed` (default; labels drawn once per epoch, forget and retain shuffled together, one pass) or
     `sequential` (a pass over D_f with fresh labels per batch, then a pass over D_r). `rl_labels`: `wrong` (default,
-    y' != y) or `uniform` (upstream code). No README default for RL alone: lr 0.01 (the --unlearn_lr default), 10 epochs.
+    y' != y) or `uniform` (upstream code). No README default for RL alone: lr 0.01 (the --unlearn_lr default),
+    10 epochs.
     """
 
     name = "RL"
     summary = "random labels on the forget set + cross-entropy on the retain set (SGD)"
     hparams = tune(SGDMethod.hparams + (RL_SCHEDULE, RL_LABELS), lr=0.01, epochs=10,
                    digits={"lr": 0.003, "epochs": 3})
-    hparams = searched(hparams, lr=("log", 3e-4, 3e-2), epochs=("per_epoch", 10))
+    hparams = searched(hparams, lr=("log", 1e-4, 0.1), epochs=("per_epoch", MAX_TUNED_EPOCHS))
     supports_grad_mask = False
     mask_unsupported_reason = "RL mixes forget and retain samples in one loss (no separate forget and retain gradients)"
 
@@ -332,17 +354,21 @@ class RL(SGDMethod):
 @register_method
 class FTL1(SGDMethod):
     """l1-sparse MU: CE on D_r + alpha_t * ||theta||_1 over all parameters, alpha_t decaying linearly to 0
-    over the first E - `no_l1_epochs` epochs. README: lr 0.01, 10 epochs, alpha unspecified (third-party scripts 1e-4)."""
+    over the first E - `no_l1_epochs` epochs. README: lr 0.01, 10 epochs, alpha unspecified (third-party scripts
+    1e-4)."""
 
     name = "FT_l1"
     summary = "l1-sparse fine-tuning on the retain set (linearly decaying l1 penalty)"
     hparams = tune(SGDMethod.hparams + (ALPHA.replace(help="FT_l1: coefficient of the l1 penalty at the first epoch"),
                                         NO_L1_EPOCHS),
                    lr=0.01, epochs=10, alpha=1e-4, digits={"lr": 0.1, "epochs": 10, "alpha": 1e-4})
-    # alpha stays at its default: one searched dimension, like FT, so the budget is spent on the step size.
-    hparams = searched(hparams, lr=("log", 1e-3, 0.3), epochs=("per_epoch", 10))
+    # alpha stays at its default: the budget is spent on the step size (and the epochs, see horizon_reason).
+    hparams = searched(hparams, lr=("log", 3e-3, 3.0), epochs=("per_epoch", MAX_TUNED_EPOCHS))
     supports_grad_mask = False
     mask_unsupported_reason = "FT_l1 has no forget gradient (it only descends the retain loss plus l1)"
+    horizon_dependent = True
+    horizon_reason = ("alpha_t decays linearly to 0 over the run's E - no_l1_epochs epochs, so epoch e of a longer run "
+                      "used a larger l1 penalty than a fresh e-epoch run")
 
     @classmethod
     def check_hparams(cls, hp: Mapping[str, Any]) -> None:
@@ -363,15 +389,15 @@ class FTL1(SGDMethod):
         return {"alpha": alpha}
 
 
-class DropShadowClass(nn.Module):
-    """View of a BE model without its shadow logit (shares the parameters)."""
-
-    def __init__(self, model: nn.Module, num_classes: int):
-        super().__init__()
-        self.model, self.num_classes = model, num_classes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[:, : self.num_classes]
+def without_shadow_class(expanded: nn.Linear, num_classes: int) -> nn.Linear:
+    """BE's classifier without its shadow row: the same layer object with its weight and bias cut to `num_classes`
+    rows (no new nn.Linear, whose initialisation would draw from the global generator)."""
+    with torch.no_grad():
+        expanded.weight = nn.Parameter(expanded.weight[:num_classes].clone())
+        if expanded.bias is not None:
+            expanded.bias = nn.Parameter(expanded.bias[:num_classes].clone())
+    expanded.out_features = num_classes
+    return expanded
 
 
 @register_method
@@ -385,7 +411,7 @@ class BoundaryExpanding(SGDMethod):
     summary = "boundary expanding: forget samples -> an extra shadow class, then drop it"
     hparams = tune(without(SGDMethod.hparams, "mask_path", "mask_semantics"), lr=5e-6, epochs=10,
                    digits={"lr": 5e-6, "epochs": 10})
-    hparams = searched(hparams, lr=("log", 1e-6, 1e-3), epochs=("per_epoch", 10))
+    hparams = searched(hparams, lr=("log", 1e-7, 1e-3), epochs=("per_epoch", MAX_TUNED_EPOCHS))
     refused_flags = {"mask_path": "its classifier gains a shadow row that no mask file covers"}
 
     def prepare(self) -> None:
@@ -420,9 +446,14 @@ class BoundaryExpanding(SGDMethod):
         set_classifier(self.model, reduced)
 
     def evaluation_model(self) -> nn.Module:
+        """Between epochs: a copy without the shadow row, i.e. exactly the model that `finish` would leave now, so the
+        curve at epoch e evaluates (and scores) the model a fresh e-epoch run ships (the horizon property). The copy
+        draws no random numbers (`without_shadow_class`), so evaluating does not change the run."""
         if self.ctx.paper_era or get_classifier(self.model).out_features == self.ctx.num_classes:
             return self.model
-        return DropShadowClass(self.model, self.ctx.num_classes)
+        reduced = copy.deepcopy(self.model)
+        set_classifier(reduced, without_shadow_class(get_classifier(reduced), self.ctx.num_classes))
+        return reduced
 
 
 @register_method
@@ -433,7 +464,7 @@ class BoundaryShrink(SGDMethod):
     name = "boundary_shrink"
     summary = "boundary shrinking: forget samples -> the original model's label of their FGSM neighbour"
     hparams = tune(SGDMethod.hparams, lr=5e-6, epochs=10, digits={"lr": 2e-4, "epochs": 10})
-    hparams = searched(hparams, lr=("log", 1e-5, 3e-3), epochs=("per_epoch", 10))
+    hparams = searched(hparams, lr=("log", 1e-6, 3e-3), epochs=("per_epoch", MAX_TUNED_EPOCHS))
 
     def prepare(self) -> None:
         self.frozen = copy.deepcopy(self.model).eval()
@@ -465,7 +496,7 @@ class SalUn(RL):
     summary = "random labelling restricted to the forget-salient weights (saliency mask)"
     hparams = tune(RL.hparams + (SALUN_RATIO,), lr=0.013, epochs=10, digits={"lr": 0.003, "epochs": 3})
     hparams = tuple(hp.replace(help=SALUN_MASK_PATH_HELP) if hp.name == "mask_path" else hp for hp in hparams)
-    hparams = searched(hparams, lr=("log", 3e-4, 3e-2), epochs=("per_epoch", 10))
+    hparams = searched(hparams, lr=("log", 1e-4, 0.1), epochs=("per_epoch", MAX_TUNED_EPOCHS))
     computes_missing_mask = True
 
     @classmethod
@@ -502,8 +533,11 @@ class SalUnSoft(RL):
     summary = "random labelling with a proximal soft threshold on the weight change (RL_proximal)"
     hparams = tune(without(RL.hparams, "mask_path", "mask_semantics") + (MASK_RATIO,), lr=0.013, epochs=10,
                    digits={"lr": 0.003, "epochs": 3})
-    hparams = searched(hparams, lr=("log", 3e-4, 3e-2), epochs=("per_epoch", 10))
+    hparams = searched(hparams, lr=("log", 1e-4, 0.1), epochs=("per_epoch", MAX_TUNED_EPOCHS))
     refused_flags = {"mask_path": "SalUn-soft replaces the hard mask by its proximal threshold"}
+    horizon_dependent = True
+    horizon_reason = ("the threshold index k shrinks over the run's T = E*L steps, so epoch e of a longer run kept "
+                      "more coordinates at their epoch-start values than a fresh e-epoch run")
 
     def epoch_started(self, epoch: int, steps: int) -> None:
         params = list(self.model.parameters())
@@ -519,7 +553,8 @@ class SalUnSoft(RL):
         params = list(self.model.parameters())
         with torch.no_grad():
             deltas = [p - p0 for p, p0 in zip(params, self._start)]
-            tau = torch.cat([d.reshape(-1) for d in deltas]).abs().kthvalue(min(self._k, sum(d.numel() for d in deltas))).values
+            k = min(self._k, sum(d.numel() for d in deltas))
+            tau = torch.cat([d.reshape(-1) for d in deltas]).abs().kthvalue(k).values
             for p, p0, d in zip(params, self._start, deltas):
                 p.copy_(p0 + d.sign() * (d.abs() - tau).clamp_min(0))
 
