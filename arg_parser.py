@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dataset import check_train_subset, list_datasets, num_classes_of, recipe_defaults
+from evaluation.forget_quality import check_num_models
 from evaluation.per_example_mia import check_num_ref_models
 from models import list_models
 from pipeline.config import (
@@ -28,7 +29,7 @@ from pipeline.config import (
     frozen,
 )
 from training import parse_milestones
-from unlearn import resolve_hyperparameters, resolve_method
+from unlearn import ALIASES, METHODS, list_methods, resolve_hyperparameters, resolve_method
 from unlearn.masks import MASK_MODES
 from unlearn.registry import declared_flags
 from utils import UserError, check_output_path, resolve_device
@@ -88,8 +89,6 @@ _NON_NEGATIVE_INT = number(int, 0)
 
 def forget_quality_models(text: str) -> int:
     """--forget_quality N (run scripts and benchmark): 0 (off) or a model count the score accepts."""
-    from evaluation.forget_quality import check_num_models
-
     value = _NON_NEGATIVE_INT(text)
     if value:
         try:
@@ -369,8 +368,6 @@ def parse_config(argv: Sequence[str] | None = None, script: str = "main_forget.p
 
 def method_listing() -> str:
     """`--list-methods`: every registered name; an alias shows what it stands for."""
-    from unlearn import ALIASES, METHODS, list_methods
-
     lines = []
     for name in list_methods():
         if name in ALIASES:

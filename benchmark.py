@@ -31,9 +31,11 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from arg_parser import POSITIVE_INT as _positive
 from arg_parser import OneLineErrorParser, forget_quality_models, number
-from dataset import check_train_subset, list_datasets
+from dataset import check_train_subset, list_datasets, num_classes_of
 from models import list_models
 from scenarios import SCENARIOS
 from scenarios.classwise import RESERVED_CLASSES
@@ -55,8 +57,6 @@ _class = number(int, 0)  # a class index
 
 
 def _default_jobs() -> int:
-    import torch
-
     return 1 if torch.cuda.is_available() else max(1, min(os.cpu_count() or 1, 8))
 
 
@@ -217,8 +217,6 @@ def _check_class_flags(args) -> None:
 
 
 def _num_classes(args) -> dict[str, int]:
-    from dataset import num_classes_of
-
     return {name: num_classes_of(name) for name in args.datasets}
 
 

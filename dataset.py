@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.io import loadmat
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 from utils import EnvironmentUserError, UserError, atomic_write_json, current_umask, sha256_of_array
 
@@ -139,9 +142,6 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
 
 
 def _digits(noise_sigma: float) -> ImageData:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     bunch = load_digits()
     images = (bunch.images.astype(np.float32) / 16.0)[:, None]  # (1797, 1, 8, 8) in [0, 1]
     labels = bunch.target.astype(np.int64)
@@ -248,7 +248,7 @@ _CIFAR = {
 
 
 def _download_torchvision(kind: str, data_dir: Path, **kwargs) -> None:
-    import torchvision.datasets as tvd
+    import torchvision.datasets as tvd  # noqa: PLC0415  (torchvision adds ~1 s to startup; only this data set needs it)
 
     getattr(tvd, kind)(root=str(data_dir), download=True, **kwargs)
 
@@ -294,8 +294,6 @@ def _load_cifar100(data_dir: Path, download: bool) -> ImageData:
 def _load_svhn(data_dir: Path, download: bool) -> ImageData:
     """SVHN cropped digits in torchvision's layout: `svhn/{train,test}_32x32.mat` (X is H x W x C x N,
     label 10 = digit 0)."""
-    from scipy.io import loadmat
-
     folder = data_dir / "svhn"
     files = {split: folder / f"{split}_32x32.mat" for split in ("train", "test")}
     for split, file in files.items():
@@ -344,7 +342,7 @@ def _decompressed_copy(folder: Path) -> Path:
     The copy lives in `data_cache_dir()` under a name derived from the compressed files' contents, so two folders with
     different files never share it and a second run decompresses nothing. It is built in a temporary folder and renamed
     into place, so a crash or a concurrent run never leaves (or sees) a half-written copy."""
-    from torchvision.datasets.utils import extract_archive  # imported here, as below: torchvision adds ~1 s to startup
+    from torchvision.datasets.utils import extract_archive  # noqa: PLC0415  (torchvision adds ~1 s to startup; only this data set needs it)
 
     digest = hashlib.sha256()
     for name in FASHION_MNIST_FILES:
@@ -408,7 +406,7 @@ def _fashion_mnist_root(data_dir: Path, download: bool) -> Path:
 def _load_fashion_mnist(data_dir: Path, download: bool) -> ImageData:
     """Zalando's Fashion-MNIST: 60,000 training and 10,000 test images, 28x28, one channel, 10 classes; uint8 in memory,
     normalised inside the model with the training set's mean and std; no augmentation."""
-    import torchvision.datasets as tvd
+    import torchvision.datasets as tvd  # noqa: PLC0415  (torchvision adds ~1 s to startup; only this data set needs it)
 
     root = _fashion_mnist_root(data_dir, download)
     arrays = {}

@@ -15,6 +15,7 @@ when MLFLOW_TRACKING_URI is set (experiment '<dataset>-backdoor' unless --experi
 """
 from arg_parser import parse_config
 from scenarios.backdoor import experiment_name, format_backdoor_line, run_backdoor, setup_backdoor
+from tracking import open_tracker
 from utils import cli_main
 
 
@@ -23,8 +24,6 @@ def main(argv=None) -> int:
     bd = setup_backdoor(config)  # bad input fails here, before anything is written or tracked
     tracker = experiment_id = None
     if config.tracking.enabled:
-        from tracking import open_tracker
-
         tracker, experiment_id = open_tracker(experiment_name(config))
     result = run_backdoor(bd, tracker, experiment_id)
     where = f"; mlflow run {result['tracking']['run_id']} at {tracker.uri}" if result.get("tracking") else ""

@@ -14,6 +14,7 @@ The result JSON ({save_dir}/{unlearn}eval_result.json, or --result_json) is writ
 from arg_parser import parse_config
 from pipeline.runs import experiment_name, tracked_forget
 from pipeline.stages import format_result_line, prepare
+from tracking import NullTracker, open_tracker
 from utils import cli_main
 
 
@@ -21,12 +22,8 @@ def main(argv=None) -> int:
     config = parse_config(argv, "mlflow_forget.py", __doc__)
     prepared = prepare(config)  # data and forget set checked before the tracking backend and any training
     if config.tracking.enabled:
-        from tracking import open_tracker
-
         tracker, experiment_id = open_tracker(experiment_name(config))
     else:
-        from tracking import NullTracker
-
         tracker, experiment_id = NullTracker(), None
     result = tracked_forget(config, tracker, experiment_id, p=prepared)
     where = f"; mlflow run {result['tracking']['run_id']} at {tracker.uri}" if result.get("tracking") else ""

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from utils import pyplot, save_figure
 
@@ -70,22 +71,20 @@ def member_styles(items: list[tuple[str, str]]) -> dict[str, dict]:
 
 def confidence_half_width(std: float, n: int, level: float = 0.95) -> float:
     """Half-width of the t-interval of a mean over n seeds (0 for a single seed: no spread is known)."""
-    from scipy import stats
-
     if n < 2 or not math.isfinite(std):
         return 0.0
     return float(stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n))
 
 
 def _integer_epochs(*axes) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415  (matplotlib only when a figure is drawn)
 
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _family_legend(ax, families: list[str], title: str = "family") -> None:
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch  # noqa: PLC0415  (matplotlib only when a figure is drawn)
 
     handles = [Patch(color=family_colour(f), label=f) for f in dict.fromkeys(families)]
     ax.legend(handles=handles, title=title, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
@@ -330,7 +329,7 @@ def plot_sensitivity(panel: dict[str, dict], path: str | Path, title: str = "",
 
     `panel[config]` = {"runs" (e.g. "NGPlus + prob"), "masking_family", "horizon_dependent",
     "points": [(lr, score), ...]}."""
-    from matplotlib.ticker import NullFormatter  # matplotlib is imported when a figure is drawn (utils.pyplot)
+    from matplotlib.ticker import NullFormatter  # noqa: PLC0415  (matplotlib only when a figure is drawn)
 
     plt = pyplot()
     groups = (("baselines", False), ("masking family", True))

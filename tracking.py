@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from evaluation import write_result
 from utils import UserError, atomic_write_text, file_lock, to_jsonable
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -188,7 +190,7 @@ def reference_metrics(retrain: dict | None) -> dict[str, float]:
 
 def flat_params(values: dict[str, Any]) -> dict[str, str]:
     """Short string values (mlflow caps a value at 6000 characters); a missing value (None) is not a parameter."""
-    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH  # noqa: PLC0415  (mlflow only when a real tracker is opened)
 
     params = {}
     for key, value in values.items():
@@ -246,7 +248,7 @@ class MlflowTracker:
     enabled = True
 
     def __init__(self, uri: str):
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # noqa: PLC0415  (mlflow only when a real tracker is opened)
 
         self.uri = uri
         self.broken: str | None = None
@@ -357,14 +359,14 @@ class MlflowRun:
         return {"tracking_uri": self.tracker.uri, "experiment_id": self.experiment_id, "run_id": self.run_id}
 
     def log_params(self, params: dict) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # noqa: PLC0415  (mlflow only when a real tracker is opened)
 
         items = [Param(k, v) for k, v in flat_params(params).items()]
         for chunk in _chunks(items, 100):
             self.tracker.guard("log params", self.client.log_batch, self.run_id, params=chunk)
 
     def set_tags(self, tags: dict) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # noqa: PLC0415  (mlflow only when a real tracker is opened)
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for chunk in _chunks(items, 100):
@@ -377,7 +379,7 @@ class MlflowRun:
                          timestamp_ms=timestamp_ms)
 
     def log_metrics(self, values: dict[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # noqa: PLC0415  (mlflow only when a real tracker is opened)
 
         timestamp_ms = timestamp_ms or int(time.time() * 1000)
         items = [Metric(k, v, timestamp_ms, step) for k, v in values.items()]  # NaN is stored as such
@@ -390,7 +392,7 @@ class MlflowRun:
         if result_file is not None and Path(result_file).is_file():
             self.tracker.guard("log artifact", self.client.log_artifact, self.run_id, str(result_file))
         if config is not None:
-            import yaml
+            import yaml  # noqa: PLC0415  (PyYAML comes with mlflow; only a real tracker writes it)
 
             self._log_written("config.yaml", yaml.safe_dump(to_jsonable(config), sort_keys=False))
         if split_file is not None and Path(split_file).is_file():
@@ -408,8 +410,6 @@ class MlflowRun:
     def _log_written(self, artifact_file: str, text: str) -> None:
         """Log text as an artifact file with the mode any new file gets under the umask: mlflow's own `log_text` and
         `log_dict` go through a private temporary file (0600), which a local artifact store then keeps."""
-        import tempfile
-
         with tempfile.TemporaryDirectory() as folder:
             local = Path(folder) / Path(artifact_file).name
             atomic_write_text(local, text)
@@ -471,8 +471,6 @@ def ending(handle):
 
 def link_result(handle, result: dict, path: Path) -> dict:
     """Say in the local result file which tracked run holds it (rewritten atomically); return the result."""
-    from evaluation import write_result
-
     if handle.record:
         result["tracking"] = handle.record
         write_result(path, result)

@@ -5,6 +5,7 @@ Kept free of argparse and mlflow so that every module (and the tests) can import
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -12,6 +13,7 @@ import os
 import pickle
 import random
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -223,10 +225,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend (imported lazily: most runs draw nothing)."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  (lazy on purpose: most runs draw nothing)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (after use("Agg"), which must come first)
 
     return plt
 
@@ -257,8 +259,6 @@ def file_lock(target: str | os.PathLike) -> Iterator[None]:
     still re-check the state of `target` after acquiring (trained already? database migrated already?): the holder
     before may have done it.
     """
-    import fcntl
-
     target = Path(target)
     lock_path = target.with_name(f".{target.name}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,8 +345,6 @@ def temporarily_eval(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 def cli_main(main) -> None:
     """Run an entry script's main(): bad input -> one line on stderr and exit 2; divergence -> exit 3; no traceback."""
-    import sys
-
     try:
         code = main()
     except UserError as exc:

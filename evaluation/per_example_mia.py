@@ -92,6 +92,7 @@ from evaluation.reference_models import (
     train_models,
     training_split,
 )
+from unlearn import UnlearnContext, run_unlearning
 from utils import (
     DivergenceError,
     UserError,
@@ -288,8 +289,6 @@ def ensure_retrained_shadows(refs: ReferenceModels, shadow_forgets: list[np.ndar
 def unlearn_shadow(refs: ReferenceModels, k: int, shadow_forget: np.ndarray, pool_data: ImageData, split: Split,
                    request: UliraRequest, batch_size: int, augment: bool) -> tuple[torch.nn.Module, bool]:
     """Reference model k unlearned by the method under test on F_k. Returns (model, diverged)."""
-    from unlearn import UnlearnContext, run_unlearning
-
     device = pool_data.train_images.device
     config = refs.config
     init_seed, shuffle_seed = model_seeds(config.design_seed, k)

@@ -29,6 +29,8 @@ from pipeline.stages import (
     unlearn,
     write_outputs,
 )
+from plots import plot_epoch_curves
+from tracking import ending, log_final_metrics
 from utils import device_name, git_commit
 
 
@@ -134,8 +136,6 @@ def tracked_forget(config: RunConfig, tracker, experiment_id: str | None = None,
     """mlflow_forget.py and the benchmark's method cells: references (trained when missing) -> unlearning with
     per-epoch evaluation -> result JSON (written before the last tracking calls, so an outage loses nothing) -> the
     tracker. Returns the result dict; `result["result_file"]` is where it was written."""
-    from tracking import ending, log_final_metrics
-
     warn_constant_method(config)
     p = p or prepare(config, data=data)
     trained = ensure_references(p)
@@ -169,8 +169,6 @@ def tracked_forget(config: RunConfig, tracker, experiment_id: str | None = None,
         log_final_metrics(handle, result)
         plots = model_curve_plots(p, trained)
         if config.output.plots and result.get("curves"):
-            from plots import plot_epoch_curves
-
             plots.append(plot_epoch_curves(result["curves"], paths.curves_plot(result_path),
                                            title=f"{run_name(config)} ({config.data.dataset}, {config.model.arch})",
                                            reference=reference))

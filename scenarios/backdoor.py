@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from arg_parser import parse_config
 from dataset import ImageData, Split, SplitData, TensorLoader
 from evaluation import predict
 from pipeline.config import RunConfig, frozen
@@ -40,6 +41,7 @@ from pipeline.stages import (
     write_outputs,
 )
 from scenarios import Scenario, forget_count, register_scenario
+from tracking import NullRun, ending
 from training import plot_history, train_model
 from utils import UserError, atomic_torch_save, device_name, file_lock, set_seed, sha256_of_array
 
@@ -291,8 +293,6 @@ def run_backdoor(bd: BackdoorRun, tracker=None, experiment_id: str | None = None
     """The whole experiment for one (method, seed): the backdoored model (trained or loaded), clean accuracy and ASR
     before, unlearning of the poisoned samples, the same after; the result JSON (written once) and, unless
     --no-save-model, the unlearned checkpoint. `tracker`: a `tracking` tracker (None = no tracking)."""
-    from tracking import NullRun, ending
-
     c = bd.config
     print(f"{c.data.dataset}: backdoor with target {bd.poison.target}, {len(bd.poison.indices)} poisoned of "
           f"{len(bd.clean.split.train)} training samples, {bd.poison.trigger_size}x{bd.poison.trigger_size} trigger; "
@@ -348,8 +348,6 @@ def run_backdoor(bd: BackdoorRun, tracker=None, experiment_id: str | None = None
 
 def run_backdoor_argv(argv: list[str]) -> dict:
     """A benchmark cell from its command line (untracked: the sweep logs finished cells itself)."""
-    from arg_parser import parse_config
-
     return run_backdoor(setup_backdoor(parse_config(argv, "main_backdoor.py")))
 
 

@@ -13,12 +13,30 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
+from dataset import recipe_defaults
+from pipeline import paths
+from pipeline.runs import run_name, run_params
 from sweep.execute import command_line, execute, run_tags, write_cell_file
 from sweep.executors import execution_params, run_cells
-from sweep.grid import Cell, build_cells, cell_key, compute_split_tags, is_done, read_result, to_argv, train_size
+from sweep.grid import (
+    Cell,
+    build_cells,
+    cell_key,
+    compute_split_tags,
+    is_done,
+    parse_cell,
+    read_result,
+    to_argv,
+    train_size,
+)
 from sweep.report import aggregate, csv_table, markdown_table, write_plots
 from sweep.settings import Settings, check_output_path, default_config_path, load_settings_file, method_combos
-from utils import atomic_write_json, atomic_write_text, git_commit, to_jsonable
+from sweep.stats import paired_report
+from tracking import log_result_run
+from utils import atomic_write_json, atomic_write_text, device_name, git_commit, resolve_device, to_jsonable
 
 __all__ = ["Cell", "Settings", "Sweep", "SweepOutcome", "aggregate", "build_cells", "cell_key", "check_output_path",
            "command_line", "csv_table", "default_config_path", "execute", "is_done", "load_settings_file",
@@ -71,8 +89,6 @@ class Sweep:
 
     # -- run -----------------------------------------------------------------------------------------------------------
     def run(self) -> SweepOutcome:
-        from tqdm.auto import tqdm
-
         start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         compute_split_tags(self.cells, self.settings)
@@ -146,8 +162,6 @@ class Sweep:
         table = markdown_table(rows, notes, self.settings.seeds)
         forest: list[Path] = []
         if self.paired_comparisons:
-            from sweep.stats import paired_report
-
             section, forest = paired_report(self.cells, self.out, self.settings.test)
             table += section
         files = [atomic_write_text(self.out / "results.md", table), atomic_write_text(self.out / "results.csv",
@@ -171,8 +185,6 @@ class Sweep:
         # ever. Any parent run of this out dir still RUNNING now is such a leftover. (Should two invocations share an
         # out dir at the same time, the live one sets its own status again when it ends.)
         self.tracker.end_stale_runs(self.experiment_id, OUT_TAG, out, "KILLED")
-        from dataset import recipe_defaults
-
         # What ran, resolved: the method names behind the patterns, each dataset's width and epochs.
         methods = sorted({name for cell in self.cells if cell.kind == "method" for name in cell.names}, key=str.lower)
         recipes = {d: recipe_defaults(d, s.train_subset) for d in s.datasets}
@@ -184,10 +196,6 @@ class Sweep:
                   "epoch_eval": s.epoch_eval, "forget_quality": s.forget_quality or None, "grid": s.grid or None,
                   "config": s.config, "out": s.out, "cells": len(self.cells), "train_subset": s.train_subset,
                   "paired_test": s.test, **execution_params(s)}
-        import torch
-
-        from utils import device_name, resolve_device
-
         tags = {"git_commit": git_commit(), "device": device_name(resolve_device(s.device)),
                 "torch_version": str(torch.__version__), SWEEP_TAG[0]: SWEEP_TAG[1], OUT_TAG: out}
         name = f"benchmark-{'+'.join(s.datasets)}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -199,11 +207,6 @@ class Sweep:
             return
         if cell.kind not in ("method", "reference") or getattr(self.tracker, "broken", None):
             return
-        from pipeline import paths
-        from pipeline.runs import run_name, run_params
-        from sweep.grid import parse_cell
-        from tracking import log_result_run
-
         result = read_result(cell, self.out)
         if result is None:
             return
@@ -236,8 +239,6 @@ class Sweep:
     def _finish_parent(self, rows: list[dict], files: list[Path], had_failures: bool) -> None:
         if self.parent is None:
             return
-        from pipeline import paths
-
         # The original models were trained by this sweep's cells, which have no run of their own: their training
         # curves belong to the sweep's run, beside the tables and the benchmark plots.
         model_plots = [paths.companion(Path(c.target), ".png") for c in self.cells if c.kind == "original"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plots import family_of, plot_avg_gap, plot_method_curves, plot_tradeoff
 from scenarios import SCENARIOS, TABLE_METRICS, extra_metric_keys, table_metrics
 from sweep.grid import Cell, method_flags, read_result
 
@@ -137,8 +138,6 @@ def csv_table(rows: list[dict]) -> str:
 def write_plots(rows: list[dict], out: Path) -> list[Path]:
     """Per (dataset, arch): the Avg. Gap chart, the trade-off plot and the per-epoch curves of every method with a
     history (`avg_gap_*.png`, `tradeoff_*.png`, `curves_*.png` in `out`). Returns the files written."""
-    from plots import family_of, plot_avg_gap, plot_method_curves, plot_tradeoff
-
     written = []
     for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in rows}):
         members = [r for r in rows if r["dataset"] == dataset and r["arch"] == arch and r["seeds"]]

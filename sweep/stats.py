@@ -48,6 +48,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import stats as scipy_stats
 
+from plots import plot_forest
+from sweep.grid import read_result
+from unlearn.registry import ALIASES
+
 if TYPE_CHECKING:
     from sweep.grid import Cell
 
@@ -255,8 +259,6 @@ def comparison_pairs(configs: dict[str, list[str]]) -> list[tuple[str, str, str]
     """(a, b, family) of the configurations to compare: each masked alias against its base (family MASKED_FAMILY),
     then everything against SalUn (family REFERENCE_FAMILY). `configs` maps a configuration id (its row label) to the
     method names it stands for."""
-    from unlearn.registry import ALIASES
-
     owner = {name: config for config, names in configs.items() for name in names}
     pairs: list[tuple[str, str, str]] = []
     for alias in ALIASES.values():
@@ -285,8 +287,6 @@ def per_unit(values_a: dict[tuple, float], values_b: dict[tuple, float]) -> tupl
 def _cell_values(cells: list[Cell], out: Path, metric: str) -> tuple[dict[str, dict[tuple, dict[tuple, float]]],
                                                                        dict[str, list[str]]]:
     """config -> (dataset, arch, scenario) -> (setting, seed) -> value, and config -> its method names."""
-    from sweep.grid import read_result
-
     values: dict[str, dict[tuple, dict[tuple, float]]] = {}
     names: dict[str, list[str]] = {}
     for cell in cells:
@@ -396,8 +396,6 @@ def forest_panels(comparisons: list[Comparison]) -> dict[str, dict[str, list[dic
 def paired_report(cells: list[Cell], out: Path, test: str = "sign_flip") -> tuple[str, list[Path]]:
     """The section "## Paired comparisons" and its forest plot (`<out>/forest.png`, one row of panels per scenario:
     masked vs base on the left, vs SalUn on the right); no plot when there is nothing to compare."""
-    from plots import plot_forest
-
     comparisons = paired_comparisons(cells, out, test)
     if not comparisons:
         return "", []

@@ -134,10 +134,26 @@ def digits():
     return load_dataset("digits")
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: tiny models gain nothing from threads, and timings stay steady on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with _one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """`one_thread` for a whole module (`pytestmark = pytest.mark.usefixtures("one_thread_per_module")`): robust
+    timings on a shared 2-core machine, and the thread count the README numbers used."""
+    with _one_torch_thread():
+        yield

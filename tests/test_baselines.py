@@ -28,13 +28,7 @@ from utils import DivergenceError, UserError, make_generator
 C = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: robust timings on a shared 2-core machine, and the thread count the README numbers used."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 class TinyNet(nn.Module):

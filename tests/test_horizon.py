@@ -36,12 +36,7 @@ LONG = 3  # the longer run; fresh runs of 1 and 2 epochs are compared with its e
 SCHEDULE = {"decreasing_lr": "2"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

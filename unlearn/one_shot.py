@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
 
 from dataset import TensorLoader
 from unlearn.common import (
@@ -60,8 +61,6 @@ def per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     """(batch, n_params) matrix of per-sample CE gradients (the model's current mode; IU uses eval mode). Always
     float32, whatever --amp says: autocast does not compose with vmap over an eval-mode batch norm (bfloat16 input,
     float32 running statistics), and these gradients only feed two dot products per sample."""
-    from torch.func import functional_call, grad, vmap
-
     named = trainable_parameters(model)
     params = {n: p.detach() for n, p in named}
     buffers = dict(model.named_buffers())

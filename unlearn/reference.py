@@ -1,6 +1,7 @@
 """The two reference points of every table: `raw` (the original model, untouched) and `retrain` (exact unlearning)."""
 from __future__ import annotations
 
+from training import train_model
 from unlearn.registry import UnlearnMethod, register_method
 
 
@@ -25,8 +26,6 @@ class Retrain(UnlearnMethod):
     one_shot = True  # the recipe's own epochs run inside one driver step; the recipe is the original model's
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        from training import train_model
-
         if self.ctx.model_factory is None or self.ctx.train_recipe is None:
             raise ValueError("retrain needs the model factory and the training recipe of the original model")
         fresh = self.ctx.model_factory().to(self.ctx.device)
