@@ -290,12 +290,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load a checkpoint without unpickling arbitrary objects; any failure is a one-line UserError."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"checkpoint '{file}' does not exist; pass the path of a .pth.tar written by main_baseline.py")
+        raise EnvironmentUserError(
+            f"checkpoint '{file}' does not exist; pass the path of a .pth.tar written by main_baseline.py")
     try:
         payload = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc) and "GLOBAL" not in str(exc):
-            raise UserError(f"'{file}' is not a readable PyTorch checkpoint (corrupt or another format)") from exc
+            raise EnvironmentUserError(
+                f"'{file}' is not a readable PyTorch checkpoint (corrupt or another format)") from exc
         lines = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line or "unsupported" in line]
         detail = f" ({lines[0][:160]})" if lines else ""
         raise UserError(
@@ -303,7 +305,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"only weights-only checkpoints are accepted"
         ) from exc
     except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise UserError(f"'{file}' is not a readable PyTorch checkpoint ({type(exc).__name__})") from exc
+        raise EnvironmentUserError(f"'{file}' is not a readable PyTorch checkpoint ({type(exc).__name__})") from exc
     if isinstance(payload, dict) and "state_dict" not in payload and payload and all(
         isinstance(v, torch.Tensor) for v in payload.values()
     ):

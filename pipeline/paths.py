@@ -42,11 +42,6 @@ def retrain_model(save_dir: Path, data: DataConfig, model: ModelConfig, split_ta
     return Path(save_dir) / f"{_prefix(data, model)}_retrain_{split_tag}model{CHECKPOINT_SUFFIX}"
 
 
-def retrain_pattern(data: DataConfig, model: ModelConfig, split_tag: str) -> str:
-    """Glob of the Retrain models of this split trained with any epoch count (the first one found is used)."""
-    return f"{data.seed}{model.arch}{init_tag(model)}_ep*_retrain_{split_tag}model{CHECKPOINT_SUFFIX}"
-
-
 def retrain_rolling(best: Path) -> Path:
     return Path(best).with_name(Path(best).name.replace(f"model{CHECKPOINT_SUFFIX}", f"checkpoint{CHECKPOINT_SUFFIX}"))
 

@@ -205,7 +205,7 @@ def train_reference(p: Prepared, retrain: bool, resume: bool = False,
         best_path = Path(checkpoint_path) if checkpoint_path else default_best
         last_path = paths.original_rolling(best_path, default_best)
         part, kind, split_hash, split_tag = "train", "original", None, None
-    meta = model_metadata(p, kind, split_hash=split_hash, split_tag=split_tag)
+    meta = retrain_metadata(p) if retrain else model_metadata(p, kind, split_hash=split_hash, split_tag=split_tag)
     ensure_writable_dir(best_path.parent)
     result = train_model(model, p.splits, c.model.recipe, seed=c.data.seed, part=part, last_checkpoint=last_path,
                          resume=resume, metadata=meta, progress=p.progress, desc=kind, amp=c.model.amp)

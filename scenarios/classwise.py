@@ -13,7 +13,6 @@ from collections.abc import Iterable
 
 from scenarios import Scenario, register_scenario
 
-CLASSWISE_CLASS = 0  # upstream's default --class_to_replace (the single-run scripts)
 RESERVED_CLASSES = (3, 7)  # the default tuning classes of `benchmark.py --tune`: never drawn by default
 
 

@@ -9,6 +9,7 @@ the submitting process only, so an SQLite store sees one writer.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +152,10 @@ class Sweep:
             self._end_parent("KILLED")
             raise
         except BaseException:  # the sweep itself stops (an out dir no longer writable, a bug): no run left RUNNING
-            self._end_parent("FAILED")
+            try:
+                self._end_parent("FAILED")
+            except Exception as exc:  # a broken tracker must not hide why the sweep stopped
+                print(f"warning: could not close the parent run as FAILED ({exc})", file=sys.stderr)
             raise
         finally:
             bar.close()
@@ -182,8 +186,8 @@ class Sweep:
         s = self.settings
         out = str(self.out.resolve())
         # A benchmark killed outright (kill -9, a lost node) could not end its parent run: it would stay RUNNING for
-        # ever. Any parent run of this out dir still RUNNING now is such a leftover. (Should two invocations share an
-        # out dir at the same time, the live one sets its own status again when it ends.)
+        # ever. Any parent run of this out dir still RUNNING now is such a leftover (a live one cannot exist: the
+        # out dir is locked, sweep.lock).
         self.tracker.end_stale_runs(self.experiment_id, OUT_TAG, out, "KILLED")
         # What ran, resolved: the method names behind the patterns, each dataset's width and epochs.
         methods = sorted({name for cell in self.cells if cell.kind == "method" for name in cell.names}, key=str.lower)

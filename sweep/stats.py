@@ -225,8 +225,10 @@ def with_holm(comparisons: list[Comparison]) -> list[Comparison]:
         groups.setdefault((c.scope, c.family), []).append(index)
     for indices in groups.values():
         adjusted = holm([comparisons[i].p_value for i in indices])
-        floor = min(min_p(comparisons[i].n, comparisons[i].test) for i in indices)
-        reachable = min(1.0, len(indices) * floor) < ALPHA
+        # m counts the comparisons that have a p-value, as holm() does
+        tested = [i for i in indices if not math.isnan(comparisons[i].p_value)]
+        floor = min((min_p(comparisons[i].n, comparisons[i].test) for i in tested), default=math.inf)
+        reachable = min(1.0, len(tested) * floor) < ALPHA
         for i, p in zip(indices, adjusted, strict=True):
             out[i] = replace(comparisons[i], p_adjusted=p, reachable=reachable)
     return out

@@ -676,7 +676,7 @@ def test_ssd_method_uses_forget_and_full_train_importances(random_data):
 # ---------------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def digits_noisy_run(tmp_path_factory, single_thread):
+def digits_noisy_run(tmp_path_factory, one_thread_per_module):
     """The real pipeline on digits_noisy (ResNet-18 width 16, the 30-epoch digits recipe), as main_baseline.py runs it,
     with the random 130-sample forget set of seed 1: the setting the digits defaults were chosen on."""
     from arg_parser import parse_config

@@ -143,13 +143,18 @@ def test_only_a_methods_own_failure_is_permanent(tmp_path, monkeypatch, exc, per
 
 def test_a_missing_dataset_and_an_unwritable_folder_are_environment_errors(tmp_path):
     from dataset import load_dataset
-    from utils import ensure_writable_dir
+    from utils import ensure_writable_dir, load_checkpoint
 
     with pytest.raises(EnvironmentUserError, match="cifar10 files missing"):
         load_dataset("cifar10", tmp_path, download=False)
     (tmp_path / "file").write_text("")
     with pytest.raises(EnvironmentUserError, match="cannot write to directory"):
         ensure_writable_dir(tmp_path / "file" / "below")
+    # A model file missing or damaged is fixed by replacing the file: not a method's failure to remember.
+    with pytest.raises(EnvironmentUserError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pth.tar")
+    with pytest.raises(EnvironmentUserError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "file")
 
 
 @pytest.mark.slow
