@@ -21,9 +21,9 @@ too). The median over rounds is printed. The script also checks that both
 ways give the same final result and the same values of the selection metrics on every epoch.
 
 The protocol estimate multiplies the mean "after" cell cost by the number of tuning cells (configurations x trials x
-tuning seeds x (1 random + tuning classes)), the mean "before" cost (every metric at every epoch, each epoch up to the
-maximum: an upper bound for a held-out cell) by the held-out cells (evaluation seeds x 2 scenarios x configurations x 2
-selection rules), adds the reference models' training, and divides by --jobs.
+tuning seeds x 2: a random and a class-wise cell per seed), the mean "before" cost (every metric at every epoch, each
+epoch up to the maximum: an upper bound for a held-out cell) by the held-out cells (evaluation seeds x 2 scenarios x
+configurations x 2 selection rules), adds the reference models' training, and divides by --jobs.
 """
 from __future__ import annotations
 
@@ -157,7 +157,6 @@ def main() -> None:
     p.add_argument("--out", default="perf_out/tune_trial_cost", help="where the models and cells go (reused)")
     p.add_argument("--trials", type=int, default=8, help="protocol estimate: trials per configuration")
     p.add_argument("--tune-seeds", type=int, default=2, help="protocol estimate: tuning seeds")
-    p.add_argument("--tune-classes", type=int, default=2, help="protocol estimate: class-wise tuning classes")
     p.add_argument("--eval-seeds", type=int, default=10, help="protocol estimate: evaluation seeds per scenario")
     p.add_argument("--jobs", type=int, default=2, help="protocol estimate: parallel cells")
     args = p.parse_args()
@@ -224,10 +223,10 @@ def main() -> None:
     # The protocol: a configuration is one distinct tuning cell of a trial (aliases of one configuration share it).
     every, every_trial = trial_cells(args.dataset, ["*"], out)
     configurations = sum(1 for c in every if c.kind == "method" and every_trial[c.key][1] == 0)
-    tuning_cells_count = configurations * args.trials * args.tune_seeds * (1 + args.tune_classes)
+    tuning_cells_count = configurations * args.trials * args.tune_seeds * 2  # a random and a class-wise cell per seed
     held_out = args.eval_seeds * 2 * (configurations + 1) * 2  # + raw (untuned); both rules (an upper bound)
     # Original and Retrain per tuning seed and forget setting, and per evaluation seed and scenario (upper bound).
-    reference_count = 2 * args.tune_seeds * (1 + args.tune_classes) + 2 * 2 * args.eval_seeds
+    reference_count = 2 * 2 * args.tune_seeds + 2 * 2 * args.eval_seeds
     per_model = training_seconds(out, reference_cpu)
     per_trial_after = sums["after"]["total"] / n
     per_trial_before = sums["before"]["total"] / n
@@ -236,7 +235,7 @@ def main() -> None:
     refs = reference_count * per_model
     total = (tuning + evaluation + refs) / args.jobs
     print(f"\nprotocol estimate ({configurations} configurations, their cost taken from the {n} measured here; "
-          f"--trials {args.trials}, {args.tune_seeds} tuning seeds x (1 random + {args.tune_classes} classes), "
+          f"--trials {args.trials}, {args.tune_seeds} tuning seeds x (1 random + 1 class-wise cell), "
           f"{args.eval_seeds} evaluation seeds x 2 scenarios x 2 rules, --jobs {args.jobs}):")
     print(f"  tuning     {tuning_cells_count:5d} cells x {per_trial_after:5.2f} CPU s = {tuning:7.0f} CPU s "
           f"(before: {tuning_cells_count * per_trial_before:7.0f})")

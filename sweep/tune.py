@@ -17,11 +17,12 @@ and "[high edge]" / "[low edge]" in the table's settings column); `tune/sensitiv
 best score against its learning rate. docs/tuning.md has the details.
 
 Cells. A seed is one independent replication: every model of seed s (original, Retrain) is initialised from
-`--train_seed s` (the single-run scripts keep upstream's 1). Tuning runs on `--tune-seeds` (default 101 102) and, for
-class-wise forgetting, on every `--tune-classes` class (default 3 and 7) for each tuning seed. The held-out evaluation
-uses other seeds (default 1-11 for both scenarios) and, class-wise, one class per seed from a pool of other classes
-(`--forget_classes`, default: every class that is not a tuning class): seed s forgets the ((s - 1) mod n)-th of the n
-pool classes (scenarios/classwise.py), so each class-wise cell has its own original model and its own class. Overlap
+`--train_seed s` (the single-run scripts keep upstream's 1). Both phases lay out their cells the same way: one cell per
+seed and scenario, and class-wise, one class per seed, seed s forgetting the ((s - 1) mod n)-th of n pool classes
+(scenarios/classwise.py), so each class-wise cell has its own original model and its own class. Tuning runs on
+`--tune-seeds` (default 101 102) with the pool `--tune-classes` (default 3 7: seed 101 forgets 3, seed 102 forgets 7;
+every tuning class must be drawn by some tuning seed). The held-out evaluation uses other seeds (default 1-11 for both
+scenarios) and the pool `--forget_classes` (default: every class that is not a tuning class). Overlap
 of seeds or classes is refused before any work; the provenance records every unit's seed, class and initialisation.
 
 Selection (`--select`). Both rules read the training pool only (forget, retain and validation samples), never the
@@ -113,7 +114,8 @@ def add_tune_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tune-seeds", dest="tune_seeds", nargs="+", type=_positive, default=None,
                    help="seeds of the tuning cells, none of them an evaluation seed (default 101 102)")
     g.add_argument("--tune-classes", dest="tune_classes", nargs="+", type=_class, default=None,
-                   help="class-wise tuning classes, none of them an evaluation class (default 3 7)")
+                   help="class-wise tuning classes, none of them an evaluation class; tuning seed s forgets the "
+                        "((s - 1) mod n)-th of the n classes (default 3 7)")
     g.add_argument("--select", default=None, choices=CRITERIA,
                    help="selection rule, from the training pool only: gap = mean validation gap to Retrain (UA, RA, "
                         "VA, validation MIA-Efficacy); retrain_free = forget accuracy closest to the validation "
@@ -160,6 +162,11 @@ class TunePlan:
     @property
     def all_eval_seeds(self) -> list[int]:
         return sorted({s for seeds in self.eval_seeds.values() for s in seeds})
+
+    @property
+    def tune_classes_of(self) -> dict[int, int]:
+        """Class-wise tuning seed -> the class it forgets (the same rotation over `tune_classes`)."""
+        return {seed: forget_class_of(seed, self.tune_classes) for seed in self.tune_seeds}
 
     @property
     def eval_classes(self) -> dict[int, int]:
@@ -220,6 +227,13 @@ def check_tune_args(args: argparse.Namespace, num_classes: dict[str, int]) -> No
                          ("--forget_classes", forget_classes)):
         if len(set(values)) != len(values):
             raise UserError(f"{flag}: a value is given twice ({' '.join(map(str, values))})")
+    if "classwise" in args.scenarios:
+        drawn = {forget_class_of(seed, args.tune_classes) for seed in args.tune_seeds}
+        unused = [c for c in args.tune_classes if c not in drawn]
+        if unused:
+            raise UserError(f"--tune-classes {' '.join(map(str, unused))}: no tuning seed forgets it (seed s forgets "
+                            f"the ((s - 1) mod n)-th of the n tuning classes); give as many --tune-seeds as classes, "
+                            f"consecutive ones draw every class")
     # Checked last: the held-out comparison is the point of --tune, and its seeds must be able to give a verdict.
     needed = min_units(args.test)
     for scenario in args.scenarios:
@@ -462,21 +476,13 @@ def _merge(builds: list[tuple[list[Cell], list[str]]]) -> tuple[list[Cell], list
     return cells, notes
 
 
-def _scenario_builds(settings: Settings, seeds_of: dict[str, tuple[int, ...]], classes: tuple[int, ...] | None,
-                     pool: tuple[int, ...] = ()) -> list[tuple[list[Cell], list[str]]]:
-    """The cells of each scenario on its seeds. Class-wise: every class of `classes` on every seed (the tuning
-    layout), or, with `classes` None, one class per seed drawn from `pool` (the held-out layout: independent units)."""
-    builds = []
-    for scenario in settings.scenarios:
-        seeds = list(seeds_of[scenario])
-        if scenario == "classwise" and classes is not None:
-            for forget_class in classes:
-                builds.append(build_cells(_phase_settings(settings, scenarios=[scenario], seeds=seeds,
-                                                          forget_class=forget_class)))
-        else:
-            builds.append(build_cells(_phase_settings(settings, scenarios=[scenario], seeds=seeds, forget_class=None,
-                                                      forget_classes=tuple(pool) or None)))
-    return builds
+def _scenario_builds(settings: Settings, seeds_of: dict[str, tuple[int, ...]],
+                     pool: tuple[int, ...]) -> list[tuple[list[Cell], list[str]]]:
+    """The cells of each scenario on its seeds; class-wise, one class per seed drawn from `pool` (both phases: a seed
+    is one unit, its own initialisation and its own class)."""
+    return [build_cells(_phase_settings(settings, scenarios=[scenario], seeds=list(seeds_of[scenario]),
+                                        forget_class=None, forget_classes=tuple(pool) or None))
+            for scenario in settings.scenarios]
 
 
 def tuning_cells(settings: Settings, plan: TunePlan, empty_config: Path) \
@@ -508,7 +514,7 @@ def evaluation_cells(settings: Settings, plan: TunePlan, config: Path, label_suf
         -> tuple[list[Cell], list[str]]:
     methods = list(plan.methods + plan.untuned)
     phase = _phase_settings(settings, methods=methods, config=config, reserved_classes=plan.tune_classes)
-    cells, notes = _merge(_scenario_builds(phase, plan.eval_seeds, None, plan.forget_classes))
+    cells, notes = _merge(_scenario_builds(phase, plan.eval_seeds, plan.forget_classes))
     for cell in cells:
         if cell.kind == "method":
             cell.label = " = ".join(cell.names) + label_suffix
@@ -655,6 +661,7 @@ def provenance(plan: TunePlan, chosen: list[Selection], other: list[Selection], 
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "tune_seeds": list(plan.tune_seeds), "tune_classes": list(plan.tune_classes),
         "eval_seeds": {k: list(v) for k, v in plan.eval_seeds.items()}, "forget_classes": list(plan.forget_classes),
+        "tune_classes_of": {str(seed): forget_class for seed, forget_class in plan.tune_classes_of.items()},
         "eval_classes": {str(seed): forget_class for seed, forget_class in plan.eval_classes.items()},
         "init_seed": "every model of seed s (original, Retrain) is initialised from --train_seed s",
         "units": units or {},

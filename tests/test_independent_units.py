@@ -194,8 +194,8 @@ def test_tuning_cells_give_each_tuning_seed_its_own_initialisation(tmp_path):
     cells, _, _ = tuning_cells(_settings(tmp_path, methods=args.methods), plan, empty)
     assert all(_flag(c.argv, "--train_seed") == str(c.seed) for c in cells)
     units = replication_units(cells)
-    assert units["classwise"] == {"101": {"train_seed": 101, "forget_classes": [3, 7]},
-                                  "102": {"train_seed": 102, "forget_classes": [3, 7]}}
+    assert units["classwise"] == {"101": {"train_seed": 101, "forget_classes": [3]},
+                                  "102": {"train_seed": 102, "forget_classes": [7]}}
     assert units["random"] == {"101": {"train_seed": 101}, "102": {"train_seed": 102}}
 
 

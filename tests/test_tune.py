@@ -185,8 +185,13 @@ def test_tuning_and_evaluation_cells_never_share_a_seed_or_a_class(tmp_path):
     assert tune_seeds == {101, 102} and eval_seeds == set(range(1, 12))
     assert tune_classes == {3, 7} and eval_classes == {0, 1, 2, 4, 5, 6, 8, 9}  # every class nobody tuned on
     assert not tune_seeds & eval_seeds and not tune_classes & eval_classes
-    # Equal budget: 3 trials x 2 seeds x (1 random + 2 classes) per configuration.
-    assert Counter(config for config, _ in trial_of.values()) == {"GA": 18, "VarGrad": 18, "SSD": 18}
+    # One class per tuning seed, as in the held-out layout: seed 101 forgets class 3, seed 102 class 7.
+    from sweep.grid import parse_cell
+    classwise = {(r.seed, r.data.class_to_replace) for r in map(parse_cell, (c.argv for c in tune_cells))
+                 if r.data.class_to_replace >= 0}
+    assert classwise == {(101, 3), (102, 7)} and plan.tune_classes_of == {101: 3, 102: 7}
+    # Equal budget: 3 trials x 2 seeds x (1 random + 1 class-wise cell) per configuration.
+    assert Counter(config for config, _ in trial_of.values()) == {"GA": 12, "VarGrad": 12, "SSD": 12}
     assert all(c.hp["epochs"] == 20 for c in tune_cells if c.kind == "method" and c.names == ["VarGrad"])
     assert not any("--no_epoch_eval" in c.argv for c in tune_cells if c.kind == "method")
 
@@ -269,6 +274,7 @@ def test_shipped_tuned_file_is_complete_and_loads():
     (["--forget_class", "0"], "--tune draws one held-out class per seed"),
     (["--forget_classes", "10"], "has classes 0-9"),
     (["--tune-classes", "-1"], "--tune-classes"),
+    (["--tune-classes", "3", "7", "8"], "--tune-classes 3: no tuning seed forgets it"),
     (["--select", "best"], "--select"),
     (["--scenarios", "backdoor"], "--tune supports the scenarios"),
     (["--config", "configs/benchmark_digits_noisy.json"], "--config cannot be combined"),
