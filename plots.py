@@ -258,6 +258,8 @@ def plot_method_curves(curves: dict[str, dict[str, dict]], path: str | Path, tit
             shown = label + (f" ({length} epochs)" if length < longest else "")
             for col, (key, _) in enumerate(CURVE_METRICS):
                 values = np.array([[run[i].get(key, math.nan) for i in range(length)] for run in runs], dtype=float)
+                if np.isnan(values).all():
+                    continue  # not evaluated per epoch (a tuning trial computes no test-set metric)
                 ax = axes[row][col]
                 style = styles[label]
                 ax.plot(epochs, np.nanmean(values, axis=0), color=style["color"], linestyle=style["linestyle"],

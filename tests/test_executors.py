@@ -70,13 +70,13 @@ def run_recorded(cwd: Path, *args: str, threads: str = "1") -> tuple[subprocess.
 
 @pytest.fixture(scope="module")
 def both_executors(tmp_path_factory):
-    """The same small benchmark (two methods, two seeds) on the local pool, as submitit jobs, and in the submitting
+    """The same small benchmark (two methods, one seed) on the local pool, as submitit jobs, and in the submitting
     process (--jobs 1) with torch's default thread count: every cell fixes its own (--threads 1)."""
     runs = {}
     for name, flags, threads in (("local", ["--jobs", "2"], "1"), ("submitit", SUBMITIT_LOCAL, "1"),
                                  ("in-process", ["--jobs", "1"], "")):
         cwd = tmp_path_factory.mktemp(name)
-        runs[name] = (cwd, *run_recorded(cwd, "--seeds", "1", "2", "--methods", "GA", "FT", "--out", "out", *flags,
+        runs[name] = (cwd, *run_recorded(cwd, "--seeds", "1", "--methods", "GA", "FT", "--out", "out", *flags,
                                          threads=threads))
     return runs
 
@@ -96,7 +96,7 @@ def without_timing(value):
 def test_submitit_jobs_give_the_local_executors_numbers(both_executors):
     tables = {}
     for name, (cwd, _, stdout, _) in both_executors.items():
-        assert "computed 10 cell(s), reused 0" in stdout, stdout[-2000:]  # 2 x (original, Retrain, row, GA, FT)
+        assert "computed 5 cell(s), reused 0" in stdout, stdout[-2000:]  # original, Retrain, raw, GA, FT
         tables[name] = {row["method"]: {k: v for k, v in row.items() if not k.startswith("RTE")}
                         for row in csv.DictReader((cwd / "out" / "results.csv").open())}
     assert set(tables["local"]) == {"Retrain", "GA", "FT"}
@@ -106,7 +106,7 @@ def test_submitit_jobs_give_the_local_executors_numbers(both_executors):
     # Cell files: the same bytes but for timings and the out dir the paths name.
     local_cwd, sub_cwd = both_executors["local"][0], both_executors["submitit"][0]
     cells = sorted(p.name for p in (local_cwd / "out" / "cells").iterdir())
-    assert len(cells) == 6
+    assert len(cells) == 3  # Retrain, GA, FT
     for other in ("submitit", "in-process"):
         other_cwd = both_executors[other][0]
         assert cells == sorted(p.name for p in (other_cwd / "out" / "cells").iterdir()), other
@@ -118,7 +118,7 @@ def test_submitit_jobs_give_the_local_executors_numbers(both_executors):
             assert json.loads(theirs)["args"]["threads"] == 1, "the cell's own thread count, recorded"
 
     jobs = json.loads((sub_cwd / "out" / "jobs.json").read_text())
-    assert len(jobs) == 10 and {job["state"] for job in jobs.values()} == {"finished"}
+    assert len(jobs) == 5 and {job["state"] for job in jobs.values()} == {"finished"}
     assert all((sub_cwd / "out" / job["stdout"]).is_file() for job in jobs.values()), "in <out>/submitit"
     assert {job["folder"].split("/")[0] for job in jobs.values()} == {"submitit"}, "relative to the out dir"
 
@@ -137,7 +137,7 @@ def test_only_the_submitting_process_imports_mlflow(both_executors, executor):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("benchmark-digits").experiment_id])
-    assert sum("mlflow.parentRunId" in r.data.tags for r in runs) == 6, "one child run per method and Retrain cell"
+    assert sum("mlflow.parentRunId" in r.data.tags for r in runs) == 3, "one child run per method and Retrain cell"
 
 
 class Payload:
@@ -190,7 +190,7 @@ def test_a_copied_out_dir_collects_its_jobs_from_their_json_reports_and_never_un
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(submitit.core.core.Job, "result", refuse)
     monkeypatch.setattr(submitit.core.core.Job, "results", refuse)
-    args = [*GRID, "--seeds", "1", "2", "--methods", "GA", "FT", "--no-track", "--out", str(out), *SUBMITIT_LOCAL]
+    args = [*GRID, "--seeds", "1", "--methods", "GA", "FT", "--no-track", "--out", str(out), *SUBMITIT_LOCAL]
     assert entry.main(args) == 0
     assert not marker.exists()
     assert json.loads((out / "jobs.json").read_text())[key]["state"] == "finished"

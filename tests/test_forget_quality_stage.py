@@ -27,8 +27,13 @@ RESULT_KEYS = {"num_models", "forget_score", "final_score", "retain_acc_ratio", 
                "epsilon_quantiles", "scores_file"}
 
 
+# FT for one epoch, not its digits default of 10: what is tested is the stage around it, run N times.
+FT_FLAGS = ["--unlearn", "FT", "--unlearn_epochs", "1"]
+
+
 def forget_run(save_dir: Path, method: str, *extra: str):
-    return run_main("main_forget.py", *FLAGS, "--save_dir", str(save_dir), "--unlearn", method,
+    method_flags = FT_FLAGS if method == "FT" else ["--unlearn", method]
+    return run_main("main_forget.py", *FLAGS, "--save_dir", str(save_dir), *method_flags,
                     "--forget_quality", str(N), *extra)
 
 
@@ -131,7 +136,7 @@ def test_cached_stage_trains_and_evaluates_no_retrained_model(workspace, monkeyp
 @pytest.mark.slow
 def test_worker_processes_give_the_same_numbers(workspace):
     save_dir, _ = workspace
-    p = prepare(parse_config(FLAGS + ["--save_dir", str(save_dir), "--unlearn", "FT", "--forget_quality", "3"]))
+    p = prepare(parse_config(FLAGS + ["--save_dir", str(save_dir), *FT_FLAGS, "--forget_quality", "3"]))
     unl = unlearn(p)
     alone = fq_stage.unlearn_repeatedly(p, unl, 3, jobs=1)
     workers = fq_stage.unlearn_repeatedly(p, unl, 3, jobs=2)
@@ -251,9 +256,8 @@ def test_scores_are_tracked_metrics(workspace, tmp_path):
 
     save_dir, runs = workspace
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_main("mlflow_forget.py", *FLAGS, "--save_dir", str(save_dir), "--unlearn", "FT", "--forget_quality",
-                    str(N), "--result_json", str(tmp_path / "ft.json"), env={"MLFLOW_TRACKING_URI": uri},
-                    cwd=tmp_path)
+    proc = run_main("mlflow_forget.py", *FLAGS, "--save_dir", str(save_dir), *FT_FLAGS, "--forget_quality", str(N),
+                    "--result_json", str(tmp_path / "ft.json"), env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     quality = json.loads((tmp_path / "ft.json").read_text())["forget_quality"]
     client = MlflowClient(tracking_uri=uri)

@@ -122,3 +122,15 @@ def test_training_curve_marks_the_kept_epoch(tmp_path):
     assert "seed 2" in captured["title"]
     assert "epoch 2 (best validation accuracy, kept)" in captured["labels"]
     assert "val acc (all classes, incl. forgotten class 0)" in captured["labels"]
+
+
+def test_method_curves_leave_out_a_metric_no_run_evaluated(tmp_path):
+    """Tuning trials evaluate no test-set metric per epoch: those panels stay empty, with no all-NaN warning."""
+    import warnings
+
+    runs = [[{"epoch": e, "UA": 10.0 - e, "RA": 99.0} for e in (1, 2, 3)] for _ in range(2)]
+    curves = {"random": {"GA": {"family": "GA", "runs": runs}, "Retrain": {"reference": {"UA": 8.0, "TA": 89.0}}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        path = plots.plot_method_curves(curves, tmp_path / "curves.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -25,8 +25,32 @@ def save_dir(tmp_path_factory):
     return save
 
 
-@pytest.mark.parametrize("name", list_methods())
+def configurations() -> dict[str, list[str]]:
+    """Registered names grouped by what they run (class, gradient mask, hyper-parameters), keyed by the first name:
+    an alias that runs exactly what another name runs (FF = fisher_new, VarGrad = NGradMask, ...) is one
+    configuration, as the benchmark runs it once."""
+    groups: dict[str, list[str]] = {}
+    for name in list_methods():
+        method = resolve_method(name)
+        hp = parse_config([*ARGS, "--save_dir", "unused", "--unlearn", name]).method.hp
+        groups.setdefault(json.dumps([method.cls.name, method.grad_mask, dict(hp)], sort_keys=True, default=str),
+                          []).append(name)
+    return {names[0]: names for names in groups.values()}
+
+
+CONFIGURATIONS = configurations()
+
+
+def test_aliases_that_run_the_same_configuration_are_grouped():
+    grouped = {tuple(sorted(names)) for names in CONFIGURATIONS.values() if len(names) > 1}
+    assert {("FF", "fisher_new"), ("NGradMask", "VarGrad"), ("IU", "wfisher")} <= grouped
+    assert sorted(n for names in CONFIGURATIONS.values() for n in names) == sorted(list_methods())
+    assert ("NGPlus", "NGradMask") not in grouped and ("RL", "SalUn") not in grouped  # a mask or an hp differs
+
+
+@pytest.mark.parametrize("name", CONFIGURATIONS)
 def test_every_registered_method_runs_and_writes_a_valid_result(name, save_dir):
+    """Every registered configuration, run under its first name (the other names of its group run the same code)."""
     config = parse_config([*ARGS, "--save_dir", str(save_dir), "--unlearn", name])
     forget(config)
     written = json.loads(paths.forget_result(config).read_text())

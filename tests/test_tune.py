@@ -16,6 +16,8 @@ from conftest import ROOT, run_main
 from sweep.settings import Settings, default_config_path, load_settings_file, method_combos
 from sweep.tune import (
     CRITERIA,
+    DEFAULT_EVAL_SEEDS,
+    DEFAULT_TRIALS,
     design,
     design_values,
     epoch_scores,
@@ -242,13 +244,17 @@ def test_shipped_tuned_file_is_complete_and_loads():
     shipped = ROOT / "configs" / "tuned_digits_noisy.json"
     payload = load_settings_file(shipped, "hyper-parameter file")
     provenance = payload["provenance"]
-    assert provenance["criterion"] == "gap" and provenance["trials_per_method"] == 4
+    # Made by the current protocol: its default budget, layout, held-out seeds and search spaces.
+    assert provenance["criterion"] == "gap" and provenance["trials_per_method"] == DEFAULT_TRIALS
     assert provenance["tune_seeds"] == [101, 102] and provenance["tune_classes"] == [3, 7]
-    assert provenance["command"].startswith("python benchmark.py --tune --trials 4 --jobs 2")
+    assert provenance["tune_classes_of"] == {"101": 3, "102": 7}
+    assert provenance["eval_seeds"] == {s: list(seeds) for s, seeds in DEFAULT_EVAL_SEEDS.items()}
+    assert provenance["command"].startswith("python benchmark.py --tune --jobs 2")
     for config, entry in provenance["methods"].items():
-        assert entry["trials"] == 4, config
+        assert entry["trials"] == DEFAULT_TRIALS, config
     tuned_names = [n for n in match_methods(["*"]) if n != "retrain" and search_space(n)]
     for name in tuned_names:
+        assert provenance["search_space"][name] == {flag: list(space) for flag, space in search_space(name).items()}
         scenarios = payload[name]["scenarios"]
         assert set(scenarios) == {"random", "classwise"}, name
         recorded = {flag: tuple(space) for flag, space in provenance["search_space"][name].items()}
