@@ -142,6 +142,11 @@ def _fill_defaults(args: argparse.Namespace) -> None:
             setattr(args, dest, value)
 
 
+def classes_of(seeds, pool) -> dict[int, int]:
+    """Seed -> the class it forgets when class-wise cells draw one class per seed from `pool` (both phases)."""
+    return {seed: forget_class_of(seed, pool) for seed in seeds}
+
+
 @dataclass(frozen=True)
 class TunePlan:
     trials: int
@@ -166,12 +171,12 @@ class TunePlan:
     @property
     def tune_classes_of(self) -> dict[int, int]:
         """Class-wise tuning seed -> the class it forgets (the same rotation over `tune_classes`)."""
-        return {seed: forget_class_of(seed, self.tune_classes) for seed in self.tune_seeds}
+        return classes_of(self.tune_seeds, self.tune_classes)
 
     @property
     def eval_classes(self) -> dict[int, int]:
         """Class-wise evaluation seed -> the class it forgets (scenarios/classwise.py `forget_class_of`)."""
-        return {seed: forget_class_of(seed, self.forget_classes) for seed in self.eval_seeds.get("classwise", ())}
+        return classes_of(self.eval_seeds.get("classwise", ()), self.forget_classes)
 
 
 def default_forget_classes(tune_classes, num_classes: dict[str, int]) -> tuple[int, ...]:
@@ -228,7 +233,7 @@ def check_tune_args(args: argparse.Namespace, num_classes: dict[str, int]) -> No
         if len(set(values)) != len(values):
             raise UserError(f"{flag}: a value is given twice ({' '.join(map(str, values))})")
     if "classwise" in args.scenarios:
-        drawn = {forget_class_of(seed, args.tune_classes) for seed in args.tune_seeds}
+        drawn = classes_of(args.tune_seeds, args.tune_classes).values()
         unused = [c for c in args.tune_classes if c not in drawn]
         if unused:
             raise UserError(f"--tune-classes {' '.join(map(str, unused))}: no tuning seed forgets it (seed s forgets "
