@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from evaluation import Evaluation, avg_gap, build_result, compare_to_retrain, mia_features, svc_mia, write_result
+from evaluation.metrics import mia_against_test_set
 from evaluation.svc_mia import svc_attack
 
 
@@ -98,3 +99,29 @@ def test_result_schema_and_atomic_write(tmp_path):
     assert not (tmp_path / "bad.json").exists()
     no_ref = build_result(method, {}, "abc", 0.0)
     assert "avg_gap" not in no_ref
+
+
+def test_mia_against_test_set_balances_shadow_sets_when_retain_is_smaller():
+    """Members (retain, forget) are confident; most non-members (test) are confident too. With 100 members against 300
+    non-members an SVC on the confidence calls every confident sample a non-member (efficacy 100 % on a forget set of
+    members); balanced shadow sets (the first 100 test samples) call the forget set members, as they are."""
+    rng = np.random.RandomState(0)
+    retain = _probs(rng.uniform(0.97, 1.0, 100))
+    forget = _probs(rng.uniform(0.97, 1.0, 50))
+    test = _probs(np.concatenate([rng.uniform(0.9, 1.0, 240), rng.uniform(0.1, 0.6, 60)])[rng.permutation(300)])
+    probs = {"retain": retain, "forget": forget, "test": test}
+    out = mia_against_test_set(probs)
+    assert out["confidence"] < 0.2
+    first = (test[0][:100], test[1][:100])
+    assert out == svc_mia(retain, first, None, forget)
+    unbalanced = svc_mia(retain, test, None, forget)
+    assert unbalanced["confidence"] > 0.8  # what the unbalanced fit gave
+
+
+def test_mia_against_test_set_is_upstreams_when_retain_outnumbers_test():
+    rng = np.random.RandomState(2)
+    retain = _probs(rng.uniform(0.5, 1.0, 200))
+    forget = _probs(rng.uniform(0.5, 1.0, 30))
+    test = _probs(rng.uniform(0.1, 0.9, 80))
+    probs = {"retain": retain, "forget": forget, "test": test}
+    assert mia_against_test_set(probs) == svc_mia((retain[0][:80], retain[1][:80]), test, None, forget)
