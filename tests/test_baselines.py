@@ -692,7 +692,7 @@ def digits_noisy_run(tmp_path_factory, one_thread_per_module):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["GA", "RL", "SalUn", "NGPlus", "VarGrad"])
-def test_digits_defaults_lower_forget_accuracy(name, digits_noisy_run):
+def test_digits_defaults_lower_forget_accuracy_relative_to_retain(name, digits_noisy_run):
     from arg_parser import parse_config
     from pipeline.stages import evaluate, prepare, unlearn
 
@@ -703,4 +703,8 @@ def test_digits_defaults_lower_forget_accuracy(name, digits_noisy_run):
         results[method] = evaluate(p, unlearn(p))
     lr = next(hp for hp in method_hparams(resolve_method(name)) if hp.name == "lr")
     assert results[name]["hyperparameters"]["lr"] == lr.dataset_defaults["digits_noisy"]
-    assert results[name]["accuracy"]["forget"] < results["raw"]["accuracy"]["forget"]
+    # Forgetting, measured against the retain set: the forget set's accuracy falls relative to the retain set's. The
+    # raw forget accuracy alone is no yardstick: whether the original model fits every training sample (100 %) or
+    # misses a few depends on the CPU's kernels, and a gentle default then repairs misses on both sets alike.
+    gap = {m: r["accuracy"]["forget"] - r["accuracy"]["retain"] for m, r in results.items()}
+    assert gap[name] < gap["raw"], results
