@@ -1,5 +1,9 @@
 # Quick start: `make demo` (set up, then run the benchmark on the embedded data) and `make test` (set up, then the tests).
 # `make test-fast`: the tests that neither train real models nor start entry scripts (markers in pyproject.toml).
+# Both run the test files in parallel worker processes (pytest-xdist; one file per worker at a time, so a file's shared
+# fixtures are built once), each with one torch thread: on 2 cores that beats one process with two threads, because
+# much of a test is single-threaded Python. `python -m pytest tests` runs the same tests in one process.
+PYTEST_PARALLEL := -n auto --maxprocesses 4 --dist loadfile
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,10 +22,10 @@ demo: setup
 	$(PY) benchmark.py
 
 test: setup
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_PARALLEL) tests
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not integration and not perf" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow and not integration and not perf" tests
 
 lint: setup
 	$(PY) -m ruff check .

@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from regression_record import CASE_KEYS, case_folder, checksum, cpu_kind  # noqa: E402
+from regression_record import CASE_KEYS, RECORD_THREADS, case_folder, checksum, cpu_kind  # noqa: E402
 
 
 def run(root: Path, script: str, *args: str) -> None:
-    proc = subprocess.run([sys.executable, str(root / script), *args], cwd=root, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(RECORD_THREADS)}
+    proc = subprocess.run([sys.executable, str(root / script), *args], cwd=root, env=env, capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         sys.exit(f"{script} {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
 
@@ -61,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     template = json.loads(args.out.read_text())
     kind = cpu_kind()
-    print(f"recording on {kind} ({torch.get_num_threads()} threads) with {args.root}", flush=True)
+    print(f"recording on {kind} with {args.root}", flush=True)
     template["kinds"][kind] = record(args.root, template)
     args.out.write_text(json.dumps(template, indent=1) + "\n")
     print(f"wrote {args.out}: {len(template['kinds'])} CPU kind(s)")

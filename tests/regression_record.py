@@ -13,10 +13,13 @@ import torch
 
 CASE_KEYS = ("UA", "RA", "TA", "MIA_efficacy", "avg_gap", "rUA", "agreement", "accuracy", "SVC_MIA_forget_efficacy")
 FIRST_KIND = "first"
+RECORD_THREADS = 2  # the thread count of every recorded run (the first machine's 2 cores), set for each command
+
 
 
 def cpu_kind() -> str:
-    """What selects the CPU kernels, and so the summation order: vendor, torch's vector-instruction level, threads."""
+    """What selects the CPU kernels, and so the summation order: vendor and torch's vector-instruction level (the
+    thread count, the third factor, is fixed at `RECORD_THREADS`)."""
     vendor = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -25,7 +28,7 @@ def cpu_kind() -> str:
                 break
     except OSError:
         pass
-    return f"{platform.machine()} {vendor} {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()} threads"
+    return f"{platform.machine()} {vendor} {torch.backends.cpu.get_cpu_capability()} {RECORD_THREADS} threads"
 
 
 def values_for_this_machine(record: dict) -> tuple[str, dict]:

@@ -1,16 +1,16 @@
 """The regression record's choice of entry per CPU kind (tests/regression_record.py)."""
 import regression_record
-from regression_record import FIRST_KIND, cpu_kind, values_for_this_machine
+from regression_record import FIRST_KIND, RECORD_THREADS, cpu_kind, values_for_this_machine
 
 
-def test_cpu_kind_names_vendor_instruction_level_and_threads():
+def test_cpu_kind_names_vendor_instruction_level_and_the_recorded_threads():
     import platform
 
     import torch
 
     kind = cpu_kind()
     assert kind.startswith(platform.machine()) and torch.backends.cpu.get_cpu_capability() in kind
-    assert kind.endswith(f"{torch.get_num_threads()} threads")
+    assert kind.endswith(f"{RECORD_THREADS} threads")
 
 
 def test_own_entry_when_recorded_else_the_first_machines(monkeypatch):
