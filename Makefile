@@ -1,8 +1,8 @@
 # Quick start: `make demo` (set up, then run the benchmark on the embedded data) and `make test` (set up, then the tests).
 # `make test-fast`: the tests that neither train real models nor start entry scripts (markers in pyproject.toml).
 # Both run the test files in parallel worker processes (pytest-xdist; one file per worker at a time, so a file's shared
-# fixtures are built once), each with one torch thread: on 2 cores that beats one process with two threads, because
-# much of a test is single-threaded Python. `python -m pytest tests` runs the same tests in one process.
+# fixtures are built once), each with one torch thread: much of a test is single-threaded Python, so two workers keep
+# 2 cores busier than one process with two threads. `python -m pytest tests` runs the same tests in one process.
 PYTEST_PARALLEL := -n auto --maxprocesses 4 --dist loadfile
 PYTHON ?= python3
 VENV ?= .venv
