@@ -16,7 +16,6 @@ FIRST_KIND = "first"
 RECORD_THREADS = 2  # the thread count of every recorded run (the first machine's 2 cores), set for each command
 
 
-
 def cpu_kind() -> str:
     """What selects the CPU kernels, and so the summation order: vendor and torch's vector-instruction level (the
     thread count, the third factor, is fixed at `RECORD_THREADS`)."""
