@@ -4,7 +4,7 @@ Which class. A single run forgets `--class_to_replace` (upstream's default 0). T
 seed, so that each seed is an independent replication (its own initialisation, its own class): seed s forgets
 `pool[(s - 1) mod len(pool)]` of the ascending class pool (`forget_class_of`), a rotation that visits every class of the
 pool once before any class comes back. The pool is `benchmark.py --forget_classes`, by default every class that is not
-a tuning class (`RESERVED_CLASSES`, the default `--tune-classes`), so that no reported cell forgets a class its
+a tuning class (`RESERVED_CLASSES`, the default `--tune-classes`: class 3), so that no reported cell forgets a class its
 hyper-parameters were tuned on. `benchmark.py --forget_class N` forgets class N for every seed instead.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from scenarios import Scenario, register_scenario
 
-RESERVED_CLASSES = (3, 7)  # the default tuning classes of `benchmark.py --tune`: never drawn by default
+RESERVED_CLASSES = (3,)  # the default tuning class of `benchmark.py --tune`: never drawn by default
 
 
 def class_pool(num_classes: int, reserved: Iterable[int] = RESERVED_CLASSES) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ from sweep.grid import cell_key, parse_cell
 from sweep.tune import DEFAULT_EVAL_SEEDS, DEFAULT_TUNE_CLASSES, evaluation_cells, provenance, replication_units
 from utils import UserError
 
-POOL = (0, 1, 2, 4, 5, 6, 8, 9)  # a 10-class dataset without the tuning classes 3 and 7
+POOL = (0, 1, 2, 4, 5, 6, 7, 8, 9)  # a 10-class dataset without the tuning class 3
 
 
 def _settings(tmp_path: Path, **changes) -> Settings:
@@ -34,15 +34,15 @@ def _flag(argv: list[str], flag: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def test_class_pool_leaves_out_the_tuning_classes():
-    assert RESERVED_CLASSES == DEFAULT_TUNE_CLASSES == (3, 7)
+    assert RESERVED_CLASSES == DEFAULT_TUNE_CLASSES == (3,)
     assert class_pool(10) == POOL
     assert class_pool(4, (0, 9)) == (1, 2, 3)
     assert class_pool(2, (0, 1)) == ()
 
 
 def test_seed_s_forgets_the_s_th_pool_class_in_rotation():
-    assert [forget_class_of(seed, POOL) for seed in range(1, 11)] == [0, 1, 2, 4, 5, 6, 8, 9, 0, 1]
-    assert forget_class_of(101, POOL) == POOL[100 % 8] == 5
+    assert [forget_class_of(seed, POOL) for seed in range(1, 11)] == [0, 1, 2, 4, 5, 6, 7, 8, 9, 0]
+    assert forget_class_of(101, POOL) == POOL[100 % 9] == 1
     assert forget_class_of(2, (9, 4, 4)) == 9  # the pool's order and repeats do not matter: sorted, distinct
     with pytest.raises(ValueError, match="empty"):
         forget_class_of(1, ())
@@ -68,14 +68,14 @@ def test_every_cell_initialises_its_models_from_its_seed(tmp_path):
 
 
 def test_class_wise_cells_forget_one_drawn_class_per_seed_and_the_table_says_which(tmp_path):
-    cells, notes = build_cells(_settings(tmp_path, seeds=[1, 2, 3, 9]))
+    cells, notes = build_cells(_settings(tmp_path, seeds=[1, 2, 3, 10]))
     classwise = {c.seed: int(_flag(c.argv, "--class_to_replace")) for c in cells if c.scenario == "classwise"
                  and c.kind == "method"}
-    assert classwise == {1: 0, 2: 1, 3: 2, 9: 0}
+    assert classwise == {1: 0, 2: 1, 3: 2, 10: 0}
     assert {c.setting for c in cells if c.scenario == "classwise" and c.seed == 2} == {"class1"}
-    assert ("class-wise: one forgotten class per seed, seed s forgets the ((s - 1) mod 8)-th class of the pool "
-            "0 1 2 4 5 6 8 9: seed 1 -> class 0, seed 2 -> class 1, seed 3 -> class 2, seed 9 -> class 0.") in notes
-    again, _ = build_cells(_settings(tmp_path, seeds=[1, 2, 3, 9]))
+    assert ("class-wise: one forgotten class per seed, seed s forgets the ((s - 1) mod 9)-th class of the pool "
+            "0 1 2 4 5 6 7 8 9: seed 1 -> class 0, seed 2 -> class 1, seed 3 -> class 2, seed 10 -> class 0.") in notes
+    again, _ = build_cells(_settings(tmp_path, seeds=[1, 2, 3, 10]))
     assert [c.key for c in again] == [c.key for c in cells], "the draw is deterministic"
 
 
@@ -160,7 +160,7 @@ def test_held_out_defaults_are_eleven_independent_units_per_scenario(tmp_path):
     assert DEFAULT_EVAL_SEEDS == {"random": tuple(range(1, 12)), "classwise": tuple(range(1, 12))}
     args, plan = _plan("--methods", "GA", "--datasets", "digits")
     assert plan.forget_classes == POOL
-    assert plan.eval_classes == dict(zip(range(1, 12), (0, 1, 2, 4, 5, 6, 8, 9, 0, 1, 2), strict=True))
+    assert plan.eval_classes == dict(zip(range(1, 12), (0, 1, 2, 4, 5, 6, 7, 8, 9, 0, 1), strict=True))
     empty = tmp_path / "empty.json"
     empty.write_text("{}")
     cells, notes = evaluation_cells(_settings(tmp_path, methods=args.methods, seeds=[1]), plan, empty)
@@ -173,14 +173,14 @@ def test_held_out_defaults_are_eleven_independent_units_per_scenario(tmp_path):
     assert sorted(c.seed for c in methods) == list(range(1, 12)), "one class-wise cell per seed"
     assert not {int(_flag(c.argv, "--class_to_replace")) for c in methods} & set(plan.tune_classes)
     assert len({c.key for c in cells if c.kind == "original"}) == 11
-    assert any("seed 10 -> class 1" in n for n in notes)
+    assert any("seed 10 -> class 0" in n for n in notes)
     again, _ = evaluation_cells(_settings(tmp_path, methods=args.methods, seeds=[1]), plan, empty)
     assert [c.key for c in again] == [c.key for c in cells]
 
     record = provenance(plan, [], [], ["benchmark.py", "--tune"], 1.0, 1.0, {"evaluation": units})
     assert record["eval_seeds"] == {"random": list(range(1, 12)), "classwise": list(range(1, 12))}
-    assert record["forget_classes"] == list(POOL) and record["tune_classes"] == [3, 7]
-    assert record["eval_classes"]["9"] == 0 and record["eval_classes"]["10"] == 1
+    assert record["forget_classes"] == list(POOL) and record["tune_classes"] == [3]
+    assert record["eval_classes"]["10"] == 0 and record["eval_classes"]["11"] == 1
     assert record["units"]["evaluation"]["classwise"]["4"] == {"train_seed": 4, "forget_classes": [4]}
     assert "--train_seed s" in record["init_seed"]
 
@@ -193,6 +193,13 @@ def test_tuning_cells_give_each_tuning_seed_its_own_initialisation(tmp_path):
     empty.write_text("{}")
     cells, _, _ = tuning_cells(_settings(tmp_path, methods=args.methods), plan, empty)
     assert all(_flag(c.argv, "--train_seed") == str(c.seed) for c in cells)
+    units = replication_units(cells)
+    assert units["classwise"] == {"101": {"train_seed": 101, "forget_classes": [3]}}
+    assert units["random"] == {"101": {"train_seed": 101}}
+    # Two tuning seeds, two tuning classes: each seed its own initialisation and class.
+    args, plan = _plan("--methods", "GA", "--trials", "2", "--datasets", "digits", "--tune-seeds", "101", "102",
+                       "--tune-classes", "3", "7")
+    cells, _, _ = tuning_cells(_settings(tmp_path, methods=args.methods), plan, empty)
     units = replication_units(cells)
     assert units["classwise"] == {"101": {"train_seed": 101, "forget_classes": [3]},
                                   "102": {"train_seed": 102, "forget_classes": [7]}}

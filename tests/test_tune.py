@@ -18,6 +18,8 @@ from sweep.tune import (
     CRITERIA,
     DEFAULT_EVAL_SEEDS,
     DEFAULT_TRIALS,
+    DEFAULT_TUNE_CLASSES,
+    DEFAULT_TUNE_SEEDS,
     design,
     design_values,
     epoch_scores,
@@ -30,6 +32,7 @@ from sweep.tune import (
     tuning_cells,
 )
 from unlearn import HParam, list_methods, match_methods, method_hparams, resolve_method
+from unlearn.common import MAX_TUNED_EPOCHS
 from unlearn.hparams import searched
 
 REFERENCE_ROWS = {"raw", "retrain"}  # the original model and the Retrain reference: nothing to tune
@@ -184,17 +187,17 @@ def test_tuning_and_evaluation_cells_never_share_a_seed_or_a_class(tmp_path):
 
     tune_seeds, tune_classes = seeds_and_classes(tune_cells)
     eval_seeds, eval_classes = seeds_and_classes(eval_cells)
-    assert tune_seeds == {101, 102} and eval_seeds == set(range(1, 12))
-    assert tune_classes == {3, 7} and eval_classes == {0, 1, 2, 4, 5, 6, 8, 9}  # every class nobody tuned on
+    assert tune_seeds == {101} and eval_seeds == set(range(1, 12))
+    assert tune_classes == {3} and eval_classes == {0, 1, 2, 4, 5, 6, 7, 8, 9}  # every class nobody tuned on
     assert not tune_seeds & eval_seeds and not tune_classes & eval_classes
-    # One class per tuning seed, as in the held-out layout: seed 101 forgets class 3, seed 102 class 7.
+    # One class per tuning seed, as in the held-out layout: seed 101 forgets class 3.
     from sweep.grid import parse_cell
     classwise = {(r.seed, r.data.class_to_replace) for r in map(parse_cell, (c.argv for c in tune_cells))
                  if r.data.class_to_replace >= 0}
-    assert classwise == {(101, 3), (102, 7)} and plan.tune_classes_of == {101: 3, 102: 7}
-    # Equal budget: 3 trials x 2 seeds x (1 random + 1 class-wise cell) per configuration.
-    assert Counter(config for config, _ in trial_of.values()) == {"GA": 12, "VarGrad": 12, "SSD": 12}
-    assert all(c.hp["epochs"] == 20 for c in tune_cells if c.kind == "method" and c.names == ["VarGrad"])
+    assert classwise == {(101, 3)} and plan.tune_classes_of == {101: 3}
+    # Equal budget: 3 trials x 1 seed x (1 random + 1 class-wise cell) per configuration.
+    assert Counter(config for config, _ in trial_of.values()) == {"GA": 6, "VarGrad": 6, "SSD": 6}
+    assert all(c.hp["epochs"] == MAX_TUNED_EPOCHS for c in tune_cells if c.kind == "method" and c.names == ["VarGrad"])
     assert not any("--no_epoch_eval" in c.argv for c in tune_cells if c.kind == "method")
 
 
@@ -246,8 +249,9 @@ def test_shipped_tuned_file_is_complete_and_loads():
     provenance = payload["provenance"]
     # Made by the current protocol: its default budget, layout, held-out seeds and search spaces.
     assert provenance["criterion"] == "gap" and provenance["trials_per_method"] == DEFAULT_TRIALS
-    assert provenance["tune_seeds"] == [101, 102] and provenance["tune_classes"] == [3, 7]
-    assert provenance["tune_classes_of"] == {"101": 3, "102": 7}
+    assert provenance["tune_seeds"] == list(DEFAULT_TUNE_SEEDS) == [101]
+    assert provenance["tune_classes"] == list(DEFAULT_TUNE_CLASSES) == [3]
+    assert provenance["tune_classes_of"] == {"101": 3}
     assert provenance["eval_seeds"] == {s: list(seeds) for s, seeds in DEFAULT_EVAL_SEEDS.items()}
     assert provenance["command"].startswith("python benchmark.py --tune --jobs 2")
     for config, entry in provenance["methods"].items():
@@ -280,7 +284,7 @@ def test_shipped_tuned_file_is_complete_and_loads():
     (["--forget_class", "0"], "--tune draws one held-out class per seed"),
     (["--forget_classes", "10"], "has classes 0-9"),
     (["--tune-classes", "-1"], "--tune-classes"),
-    (["--tune-classes", "3", "7", "8"], "--tune-classes 3: no tuning seed forgets it"),
+    (["--tune-classes", "3", "7", "8"], "--tune-classes 3 8: no tuning seed forgets it"),
     (["--select", "best"], "--select"),
     (["--scenarios", "backdoor"], "--tune supports the scenarios"),
     (["--config", "configs/benchmark_digits_noisy.json"], "--config cannot be combined"),
@@ -343,7 +347,7 @@ def test_tiny_tune_end_to_end(tiny_tune):
     assert all(t["status"] == "ok" for t in sweep["timings"].values())
 
     # The shipped values are a trial's learning rate and an epoch its curves reached, and the held-out cells ran them.
-    for name, max_epochs in (("VarGrad", 20),):
+    for name, max_epochs in (("VarGrad", MAX_TUNED_EPOCHS),):
         for values in tuned[name]["scenarios"].values():
             assert {"unlearn_lr": values["unlearn_lr"], "unlearn_epochs": max_epochs} in trial_values(name, 2)
             assert 1 <= values["unlearn_epochs"] <= max_epochs

@@ -62,14 +62,28 @@ def test_learning_rate_ranges_span_at_least_three_decades(name):
     assert kind == "log" and math.log10(high / low) >= 3 - 1e-9
 
 
-@pytest.mark.parametrize("name, scenario, lr", [("FT", "random", 0.147), ("FT_l1", "classwise", 0.147),
-                                                ("SRL", "random", 0.00178), ("BE", "classwise", 2.37e-06),
-                                                ("RL", "classwise", 0.0169), ("SalUn", "classwise", 0.0169)])
-def test_the_previous_edge_choices_now_lie_inside_the_range(name, scenario, lr):
-    """The shipped tuned file's picks that sat on an edge of the old range (FT's lr 0.147 was its top design point,
-    BE's 2.37e-6 its lowest, RL's 0.0169 its highest) are strictly inside the widened design."""
-    design = sorted({values["unlearn_lr"] for values in trial_values(name, DEFAULT_TRIALS)})
-    assert design[0] < lr < design[-1], (scenario, design)
+@pytest.mark.parametrize("name, scenario, flag, value", [
+    # The search with 4 trials: FT's lr 0.147 was its top design point, BE's 2.37e-6 its lowest, RL's 0.0169 its
+    # highest.
+    ("FT", "random", "unlearn_lr", 0.147), ("FT_l1", "classwise", "unlearn_lr", 0.147),
+    ("SRL", "random", "unlearn_lr", 0.00178), ("BE", "classwise", "unlearn_lr", 2.37e-06),
+    ("RL", "classwise", "unlearn_lr", 0.0169), ("SalUn", "classwise", "unlearn_lr", 0.0169),
+    # The search with 8 trials (commit defe565): the top design point of GA (0.0195), SalUn (0.0649) and BE
+    # (0.000562), the lowest of BS (1.65e-6) and SSD's lowest alpha (1.33).
+    ("GA", "classwise", "unlearn_lr", 0.0195), ("SalUn", "classwise", "unlearn_lr", 0.0649),
+    ("BE", "classwise", "unlearn_lr", 0.000562), ("BS", "classwise", "unlearn_lr", 1.65e-06),
+    ("SSD", "classwise", "alpha", 1.33)])
+def test_the_previous_edge_choices_now_lie_inside_the_range(name, scenario, flag, value):
+    """Every pick of an earlier shipped search that sat on an edge of its range is strictly inside the widened
+    design."""
+    design = sorted({values[flag] for values in trial_values(name, DEFAULT_TRIALS)})
+    assert design[0] < value < design[-1], (scenario, design)
+
+
+def test_the_epoch_maximum_lies_beyond_the_previous_one():
+    """The search with a maximum of 20 epochs chose 20 for five class-wise configurations; runs of 40 epochs put
+    their best epoch between 20 and 30."""
+    assert MAX_TUNED_EPOCHS > 20
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -83,7 +97,8 @@ DESIGN = [{"unlearn_lr": lr, "unlearn_epochs": 20} for lr in (0.000178, 0.000562
 @pytest.mark.parametrize("values, expected", [
     ({"unlearn_lr": 0.00562, "unlearn_epochs": 7}, {"unlearn_lr": "high"}),          # top design point
     ({"unlearn_lr": 0.000178, "unlearn_epochs": 7}, {"unlearn_lr": "low"}),          # lowest design point
-    ({"unlearn_lr": 0.000562, "unlearn_epochs": 1}, {"unlearn_epochs": "low"}),      # first epoch of the curves
+    ({"unlearn_lr": 0.000562, "unlearn_epochs": 1}, {}),     # one epoch: no shorter run exists, not an edge
+    ({"unlearn_lr": 0.000178, "unlearn_epochs": 1}, {"unlearn_lr": "low"}),          # ... the lr says "less" alone
     ({"unlearn_lr": 0.00178, "unlearn_epochs": 20}, {"unlearn_epochs": "high"}),     # the declared maximum
     ({"unlearn_lr": 0.00562, "unlearn_epochs": 20}, {"unlearn_lr": "high", "unlearn_epochs": "high"}),
     ({"unlearn_lr": 0.00178, "unlearn_epochs": 19}, {}),                             # inside on both
@@ -99,6 +114,10 @@ def test_edge_flags_of_a_design_dimension_and_of_choices():
     assert edge_flags({"unlearn_lr": 0.1, "unlearn_epochs": 16}, design, SPACE, epochs_in_design=True) == \
         {"unlearn_epochs": "high"}
     assert edge_flags({"unlearn_lr": 0.1, "unlearn_epochs": 6}, design, SPACE, epochs_in_design=True) == {}
+    assert edge_flags({"unlearn_lr": 0.1, "unlearn_epochs": 3}, design, SPACE, epochs_in_design=True) == \
+        {"unlearn_epochs": "low"}  # 1 and 2 were never tried
+    assert edge_flags({"unlearn_lr": 0.1, "unlearn_epochs": 1}, design + [{"unlearn_lr": 0.1, "unlearn_epochs": 1}],
+                      SPACE, epochs_in_design=True) == {}  # the smallest design epoch is 1: no shorter run
     # One value tried (lr): no edge; an unordered choice: no edge.
     space = {"unlearn_lr": ("log", 1e-4, 1e-2), "mode": ("choice", "a", "b")}
     assert edge_flags({"unlearn_lr": 0.1, "mode": "b"}, [{"unlearn_lr": 0.1, "mode": "a"},
@@ -184,7 +203,7 @@ def test_selections_flag_a_choice_on_the_edge(tuning_run):
     top = trial_values("FT", 8)[7]["unlearn_lr"]
     assert (chosen.trial, chosen.epoch, chosen.score) == (7, 1, pytest.approx(1.1))
     assert chosen.values == {"unlearn_lr": top, "unlearn_epochs": 1}
-    assert chosen.edges == {"unlearn_lr": "high", "unlearn_epochs": "low"}
+    assert chosen.edges == {"unlearn_lr": "high"}  # epoch 1 is no edge
 
 
 def test_edge_flags_reach_the_table_settings_column():

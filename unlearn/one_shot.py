@@ -281,7 +281,7 @@ class SSD(UnlearnMethod):
     summary = "selective synaptic dampening of forget-specific weights (Fisher importances)"
     hparams = tune((ALPHA.replace(help="SSD: selection threshold (imp_f > alpha imp_r)"), SSD_LAMBDA, SSD_REFERENCE,
                     BATCH_SIZE), alpha=10.0, digits={"alpha": 5.0, "ssd_lambda": 1.0})
-    hparams = searched(hparams, alpha=("log", 1.0, 100.0), ssd_lambda=("linear", 0.1, 2.0))
+    hparams = searched(hparams, alpha=("log", 0.1, 100.0), ssd_lambda=("linear", 0.1, 2.0))
     refused_flags = {"mask_path": "it selects its own parameters"}
     one_shot = True
     deterministic = True

@@ -294,7 +294,7 @@ class GA(SGDMethod):
     name = "GA"
     summary = "gradient ascent on the forget-set cross-entropy (SGD)"
     hparams = tune(SGDMethod.hparams, lr=1e-4, epochs=5, digits={"lr": 3e-3, "epochs": 5})
-    hparams = searched(hparams, lr=("log", 3e-5, 3e-2), epochs=("per_epoch", MAX_TUNED_EPOCHS))
+    hparams = searched(hparams, lr=("log", 3e-5, 0.3), epochs=("per_epoch", MAX_TUNED_EPOCHS))
     supports_grad_mask = False
     mask_unsupported_reason = ("GA has no retain gradient (it only ascends the forget loss), "
                                "so there is no second gradient to mask against")
@@ -319,7 +319,7 @@ class RL(SGDMethod):
     summary = "random labels on the forget set + cross-entropy on the retain set (SGD)"
     hparams = tune(SGDMethod.hparams + (RL_SCHEDULE, RL_LABELS), lr=0.01, epochs=10,
                    digits={"lr": 0.003, "epochs": 3})
-    hparams = searched(hparams, lr=("log", 1e-4, 0.1), epochs=("per_epoch", MAX_TUNED_EPOCHS))
+    hparams = searched(hparams, lr=("log", 1e-4, 1.0), epochs=("per_epoch", MAX_TUNED_EPOCHS))
     supports_grad_mask = False
     mask_unsupported_reason = "RL mixes forget and retain samples in one loss (no separate forget and retain gradients)"
 
@@ -411,7 +411,7 @@ class BoundaryExpanding(SGDMethod):
     summary = "boundary expanding: forget samples -> an extra shadow class, then drop it"
     hparams = tune(without(SGDMethod.hparams, "mask_path", "mask_semantics"), lr=5e-6, epochs=10,
                    digits={"lr": 5e-6, "epochs": 10})
-    hparams = searched(hparams, lr=("log", 1e-7, 1e-3), epochs=("per_epoch", MAX_TUNED_EPOCHS))
+    hparams = searched(hparams, lr=("log", 1e-6, 1e-2), epochs=("per_epoch", MAX_TUNED_EPOCHS))
     refused_flags = {"mask_path": "its classifier gains a shadow row that no mask file covers"}
 
     def prepare(self) -> None:
@@ -464,7 +464,7 @@ class BoundaryShrink(SGDMethod):
     name = "boundary_shrink"
     summary = "boundary shrinking: forget samples -> the original model's label of their FGSM neighbour"
     hparams = tune(SGDMethod.hparams, lr=5e-6, epochs=10, digits={"lr": 2e-4, "epochs": 10})
-    hparams = searched(hparams, lr=("log", 1e-6, 3e-3), epochs=("per_epoch", MAX_TUNED_EPOCHS))
+    hparams = searched(hparams, lr=("log", 1e-8, 3e-3), epochs=("per_epoch", MAX_TUNED_EPOCHS))
 
     def prepare(self) -> None:
         self.frozen = copy.deepcopy(self.model).eval()
@@ -496,7 +496,7 @@ class SalUn(RL):
     summary = "random labelling restricted to the forget-salient weights (saliency mask)"
     hparams = tune(RL.hparams + (SALUN_RATIO,), lr=0.013, epochs=10, digits={"lr": 0.003, "epochs": 3})
     hparams = tuple(hp.replace(help=SALUN_MASK_PATH_HELP) if hp.name == "mask_path" else hp for hp in hparams)
-    hparams = searched(hparams, lr=("log", 1e-4, 0.1), epochs=("per_epoch", MAX_TUNED_EPOCHS))
+    hparams = searched(hparams, lr=("log", 1e-4, 1.0), epochs=("per_epoch", MAX_TUNED_EPOCHS))
     computes_missing_mask = True
 
     @classmethod
@@ -533,7 +533,7 @@ class SalUnSoft(RL):
     summary = "random labelling with a proximal soft threshold on the weight change (RL_proximal)"
     hparams = tune(without(RL.hparams, "mask_path", "mask_semantics") + (MASK_RATIO,), lr=0.013, epochs=10,
                    digits={"lr": 0.003, "epochs": 3})
-    hparams = searched(hparams, lr=("log", 1e-4, 0.1), epochs=("per_epoch", MAX_TUNED_EPOCHS))
+    hparams = searched(hparams, lr=("log", 1e-4, 1.0), epochs=("per_epoch", MAX_TUNED_EPOCHS))
     refused_flags = {"mask_path": "SalUn-soft replaces the hard mask by its proximal threshold"}
     horizon_dependent = True
     horizon_reason = ("the threshold index k shrinks over the run's T = E*L steps, so epoch e of a longer run kept "
