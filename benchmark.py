@@ -157,6 +157,15 @@ def main(argv=None) -> int:
         return _run(args, argv, settings, plan, tracker, experiment_id)
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies inside it, else absolute (never "../../...")."""
+    absolute = Path(path).absolute()
+    try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)
+
+
 def _run(args, argv, settings: Settings, plan, tracker, experiment_id) -> int:
     """Everything after the checks of the command line, with the out dir held."""
     experiment = args.experiment or f"benchmark-{'+'.join(args.datasets)}"
@@ -169,9 +178,9 @@ def _run(args, argv, settings: Settings, plan, tracker, experiment_id) -> int:
                 else "hand-chosen"
             hint = "; --config configs/benchmark_digits_noisy.json for the hand-chosen ones" \
                 if path.name == "tuned_digits_noisy.json" else ""
-            print(f"{dataset}: hyper-parameters from {os.path.relpath(path)} ({origin}{hint})")
+            print(f"{dataset}: hyper-parameters from {_shown(path)} ({origin}{hint})")
         else:
-            print(f"{dataset}: the methods' declared defaults (no {os.path.relpath(path)})")
+            print(f"{dataset}: the methods' declared defaults (no {_shown(path)})")
     sweep = Sweep(settings, tracker, experiment_id, progress=not args.no_progress)
 
     if args.emit_commands:

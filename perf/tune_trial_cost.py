@@ -156,8 +156,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="rounds (each runs every cell both ways)")
     p.add_argument("--out", default="perf_out/tune_trial_cost", help="where the models and cells go (reused)")
     p.add_argument("--trials", type=int, default=8, help="protocol estimate: trials per configuration")
-    p.add_argument("--tune-seeds", type=int, default=2, help="protocol estimate: tuning seeds")
-    p.add_argument("--eval-seeds", type=int, default=10, help="protocol estimate: evaluation seeds per scenario")
+    p.add_argument("--tune-seeds", type=int, default=1, help="protocol estimate: tuning seeds")
+    p.add_argument("--eval-seeds", type=int, default=11, help="protocol estimate: evaluation seeds per scenario")
     p.add_argument("--jobs", type=int, default=2, help="protocol estimate: parallel cells")
     args = p.parse_args()
     torch.set_num_threads(1)  # as a sweep worker

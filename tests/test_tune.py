@@ -238,6 +238,16 @@ def test_plain_benchmark_uses_the_shipped_tuned_file_and_says_so(tmp_path):
                               cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "digits_noisy: hyper-parameters from" in proc.stdout and expected in proc.stdout, proc.stdout
+        # Run from outside the checkout (tmp_path): the file is named by its absolute path, not "../../...".
+        assert f"from {ROOT / 'configs'}" in proc.stdout and "../" not in proc.stdout, proc.stdout
+
+
+def test_a_file_inside_the_working_directory_is_named_relative_to_it(monkeypatch, tmp_path):
+    from benchmark import _shown
+
+    monkeypatch.chdir(ROOT)
+    assert _shown(ROOT / "configs" / "tuned_digits_noisy.json") == "configs/tuned_digits_noisy.json"
+    assert _shown(tmp_path / "x.json") == str(tmp_path / "x.json")
 
 
 def test_shipped_tuned_file_is_complete_and_loads():
