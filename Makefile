@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) benchmark.py
+	$(PY) benchmark.py --epoch-eval masked
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_PARALLEL) tests
