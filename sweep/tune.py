@@ -82,7 +82,7 @@ CRITERIA = ("gap", "retrain_free")
 # apart; the same number for every configuration and scenario.
 DEFAULT_TRIALS = 8
 # One tuning replication per scenario by default: the search then costs half of what two cost (432 trial cells with
-# every registered configuration), which keeps the whole protocol near an hour on 2 CPU cores. The held-out cells
+# every registered configuration, about 34 minutes on 2 CPU cores with --jobs 2). The held-out cells
 # judge the choices either way; `--tune-seeds 101 102 --tune-classes 3 7` averages each trial over two replications.
 DEFAULT_TUNE_SEEDS = (101,)
 DEFAULT_TUNE_CLASSES = RESERVED_CLASSES  # (3,): the class the default class pool leaves out
