@@ -84,12 +84,13 @@ def number(kind: type, low: float | None = None, high: float | None = None, low_
 POSITIVE_INT = number(int, 1)
 POSITIVE = number(float, 0, low_open=True)
 NON_NEGATIVE = number(float, 0)
-_NON_NEGATIVE_INT = number(int, 0)
+NON_NEGATIVE_INT = number(int, 0)
+SCORE_POINTS = number(float, 0, 100)  # a difference of selection scores, in accuracy points
 
 
 def forget_quality_models(text: str) -> int:
     """--forget_quality N (run scripts and benchmark): 0 (off) or a model count the score accepts."""
-    value = _NON_NEGATIVE_INT(text)
+    value = NON_NEGATIVE_INT(text)
     if value:
         try:
             check_num_models(value)
@@ -240,6 +241,12 @@ def build_parser(script: str = "main_forget.py", description: str = "") -> OneLi
                            help="what each per-epoch evaluation computes: all = every metric of the result (default); "
                                 "selection = only what benchmark.py --tune selects by, from the training pool (UA, RA, "
                                 "VA, MIA_efficacy_val, val_gap; no test-set output, and faster)")
+            g.add_argument("--stop-patience", dest="stop_patience", type=NON_NEGATIVE_INT, default=0,
+                           help="end the run once no selection score (validation gap to Retrain, Retrain-free "
+                                "score; evaluation/selection.py) has improved by more than --stop-tolerance for this "
+                                "many epochs (default 0: run every epoch; benchmark.py --tune's trials use it)")
+            g.add_argument("--stop-tolerance", dest="stop_tolerance", type=SCORE_POINTS, default=0.0,
+                           help="improvement, in accuracy points, that restarts --stop-patience's count (default 0)")
         g.add_argument("--no-plots", dest="no_plots", action="store_true", help="do not draw plots")
     if script == "main_backdoor.py":
         g = p.add_argument_group("backdoor")
@@ -347,10 +354,20 @@ def build_config(ns: argparse.Namespace, script: str) -> RunConfig:
     if epoch_eval_metrics != "all" and values.get("no_epoch_eval"):
         raise UserError(f"--epoch-eval-metrics {epoch_eval_metrics} sets what the per-epoch evaluation computes; "
                         f"it cannot be combined with --no-epoch-eval")
+    stop_patience, stop_tolerance = values.get("stop_patience", 0), values.get("stop_tolerance", 0.0)
+    if stop_patience and values.get("no_epoch_eval"):
+        raise UserError(f"--stop-patience {stop_patience} reads the per-epoch evaluation; it cannot be combined with "
+                        f"--no-epoch-eval")
+    if stop_patience and resolved.cls.horizon_dependent:
+        raise UserError(f"--stop-patience: {resolved.name} is horizon-dependent (its updates depend on the total "
+                        f"number of epochs), so a run stopped early is not the run of that length; give it "
+                        f"--unlearn_epochs")
+    if stop_tolerance and not stop_patience:
+        raise UserError(f"--stop-tolerance {stop_tolerance:g} needs --stop-patience N (N >= 1)")
     evaluation = EvalConfig(mia=values["mia"], num_ref_models=values["num_ref_models"], jobs=values["jobs"],
                             epoch_eval=forget_script and not values.get("no_epoch_eval", False),
-                            epoch_eval_metrics=epoch_eval_metrics,
-                            forget_quality=values["forget_quality"])
+                            epoch_eval_metrics=epoch_eval_metrics, stop_patience=stop_patience,
+                            stop_tolerance=stop_tolerance, forget_quality=values["forget_quality"])
     extras = {"retrain": values["retrain"]}
     if script == "main_backdoor.py":
         extras["trigger_size"] = values["trigger_size"]

@@ -104,6 +104,8 @@ class EvalConfig:
     jobs: int
     epoch_eval: bool                      # evaluate after every unlearning epoch (curves)
     epoch_eval_metrics: str = "all"       # all | selection (the training-pool metrics only: benchmark.py --tune)
+    stop_patience: int = 0                # end after this many epochs without a selection-score improvement (0: off)
+    stop_tolerance: float = 0.0           # the improvement, in points, that counts (evaluation.selection.PlateauStop)
     forget_quality: int = 0               # N unlearned vs N retrained models (0 = off)
 
 

@@ -21,6 +21,7 @@ import torch
 from dataset import ImageData, Split, SplitData, load_dataset, make_split
 from evaluation import SELECTION_PARTS, Evaluation, build_result, evaluate_model, selection_entry, write_result
 from evaluation.per_example_mia import check_forget_inside_training
+from evaluation.selection import PlateauStop
 from models import create_model
 from pipeline import paths
 from pipeline.config import RunConfig
@@ -438,16 +439,19 @@ def unlearn(p: Prepared, model_path: str | Path | None = None, epoch_eval: bool 
     curves: list[dict] = []
     last: dict[str, Any] = {}
     selection_only = c.eval.epoch_eval_metrics == "selection"
+    plateau = PlateauStop(c.eval.stop_patience, c.eval.stop_tolerance, p.split.scenario) \
+        if c.eval.stop_patience else None
 
-    def epoch_hook(epoch: int, eval_model: torch.nn.Module, stats: dict, rte: float) -> None:
+    def epoch_hook(epoch: int, eval_model: torch.nn.Module, stats: dict, rte: float) -> bool:
         if not epoch_eval and on_epoch is None:
-            return
+            return False
         evaluation, metrics = epoch_metrics(p, eval_model, rte, retrain_eval, scenario_metrics, selection_only)
         last.update(epoch=epoch, evaluation=evaluation, state=_state_fingerprint(eval_model))
         metrics.update({f"stat_{k}": v for k, v in stats.items()})
         curves.append({"epoch": epoch, **metrics})
         if on_epoch:
             on_epoch(epoch, metrics, stats)
+        return plateau is not None and plateau.update(epoch, metrics)
 
     with warnings.catch_warnings():
         warnings.simplefilter("once")

@@ -106,6 +106,8 @@ def _parser_actions() -> dict[str, argparse.Action]:
 
 def cell_key(kind: str, run: RunConfig, config: dict | None = None) -> str:
     semantic = {k: v for k, v in sorted(run.flags.items()) if k not in NON_SEMANTIC and k not in method_flags()}
+    if not semantic.get("stop_patience"):  # off: the key of a cell that ran every epoch before the flags existed
+        semantic.pop("stop_patience", None), semantic.pop("stop_tolerance", None)
     if kind in ("original",):  # the original model does not depend on the forget set
         for k in ("class_to_replace", "num_indexes_to_replace", "unlearn_seed", "no_epoch_eval", "mia",
                   "num_ref_models", "split"):
@@ -250,9 +252,15 @@ def build_cells(settings: Settings) -> tuple[list[Cell], list[str]]:
                     overrides = dict(combo)
                     if settings.unlearn_epochs is not None:
                         overrides["unlearn_epochs"] = settings.unlearn_epochs
+                    # A trial on a plateau may end early (tuning), unless the method's epochs are a schedule's
+                    # length (horizon-dependent) or it has no epochs (one-shot).
+                    stops = bool(epoch_eval and settings.stop_patience and not method.cls.horizon_dependent
+                                 and not method.cls.one_shot)
                     flags = {**base, "unlearn": name, **overrides, "no_epoch_eval": not epoch_eval,
                              "epoch_eval_metrics": settings.epoch_eval_metrics
                              if epoch_eval and settings.epoch_eval_metrics != "all" else None,
+                             "stop_patience": settings.stop_patience if stops else None,
+                             "stop_tolerance": settings.stop_tolerance if stops else None,
                              "forget_quality": settings.forget_quality or None}
                     args = parse_cell(to_argv(flags))
                     hp = dict(args.method.hp)

@@ -40,6 +40,10 @@ class Settings:
     epoch_eval: str = "all"  # all | masked | none: which methods get per-epoch history
     # all | selection: what each per-epoch evaluation computes (selection: the training pool only, the tuning trials)
     epoch_eval_metrics: str = "all"
+    # A method cell with per-epoch evaluation ends once its selection scores have not improved by more than
+    # `stop_tolerance` points for `stop_patience` epochs (0: every epoch runs; evaluation.selection.PlateauStop).
+    stop_patience: int = 0
+    stop_tolerance: float = 0.0
     forget_quality: int = 0  # N: the competition's forgetting quality per method cell (0 = off)
     grid: dict = field(default_factory=dict)
     config: Path | None = None  # per-method hyper-parameters; default configs/benchmark_<dataset>.json when present

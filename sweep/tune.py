@@ -61,9 +61,10 @@ from typing import Any
 
 import numpy as np
 
+from arg_parser import NON_NEGATIVE_INT, SCORE_POINTS, number
 from arg_parser import POSITIVE_INT as _positive
-from arg_parser import number
 from dataset import num_classes_of
+from evaluation.selection import CRITERIA, selection_score
 from plots import plot_sensitivity
 from scenarios.classwise import RESERVED_CLASSES, class_pool, forget_class_of
 from sweep import Sweep
@@ -77,7 +78,6 @@ __all__ = ["CRITERIA", "DEFAULT_TUNE_CLASSES", "DEFAULT_TUNE_SEEDS", "Selection"
            "TunePlan", "add_tune_flags", "check_tune_args", "design", "epoch_scores", "plan_from_args", "run_tune",
            "search_space", "select", "trial_values", "tuned_config"]
 
-CRITERIA = ("gap", "retrain_free")
 # 8 trials: the learning rate (or a one-shot method's strength) at 8 points of a 3-decade range, about 0.4 decades
 # apart; the same number for every configuration and scenario.
 DEFAULT_TRIALS = 8
@@ -92,6 +92,12 @@ DEFAULT_TUNE_CLASSES = RESERVED_CLASSES  # (3,): the class the default class poo
 # seeds (no verdict possible), 0.025 with 11 (tests/test_independent_units.py checks this against the registry).
 DEFAULT_EVAL_SEEDS = {"random": tuple(range(1, 12)), "classwise": tuple(range(1, 12))}
 TUNABLE_SCENARIOS = ("random", "classwise")
+# Selection scores closer than this (accuracy points) are noise: on the plateau of the search's validation-gap curves,
+# consecutive epochs differ by a median 0.54 points (docs/tuning.md). Among such candidates the fewest epochs win.
+DEFAULT_SELECT_TOLERANCE = 0.5
+# A trial ends once no selection score has improved by more than the tolerance for this many epochs (a third of the
+# 30-epoch maximum; it cut the search by about a fifth and changed 8 of 108 choices when replayed on a full search).
+DEFAULT_TRIAL_PATIENCE = 10
 SIGNIFICANT_DIGITS = 3  # trial values are rounded, so tuned.json and the table read 0.00316, not 0.0031622776601683794
 
 
@@ -120,6 +126,12 @@ def add_tune_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tune-classes", dest="tune_classes", nargs="+", type=_class, default=None,
                    help="class-wise tuning classes, none of them an evaluation class; tuning seed s forgets the "
                         "((s - 1) mod n)-th of the n classes (default 3)")
+    g.add_argument("--select-tolerance", dest="select_tolerance", type=SCORE_POINTS, default=None,
+                   help=f"scores within this many points of the best are equally good, and the fewest epochs among "
+                        f"them win (default {DEFAULT_SELECT_TOLERANCE}; 0 = the plain lowest score)")
+    g.add_argument("--trial-patience", dest="trial_patience", type=NON_NEGATIVE_INT, default=None,
+                   help=f"end a trial once no selection score has improved by more than --select-tolerance for this "
+                        f"many epochs (default {DEFAULT_TRIAL_PATIENCE}; 0 = every trial runs every epoch)")
     g.add_argument("--select", default=None, choices=CRITERIA,
                    help="selection rule, from the training pool only: gap = mean validation gap to Retrain (UA, RA, "
                         "VA, validation MIA-Efficacy); retrain_free = forget accuracy closest to the validation "
@@ -134,13 +146,15 @@ def add_tune_flags(parser: argparse.ArgumentParser) -> None:
 
 # Flags that only mean something with --tune (all default to None, so giving one without --tune is detected).
 TUNE_ONLY = (("--trials", "trials"), ("--tune-seeds", "tune_seeds"), ("--tune-classes", "tune_classes"),
-             ("--select", "select"), ("--compare-select", "compare_select"))
+             ("--select", "select"), ("--compare-select", "compare_select"),
+             ("--select-tolerance", "select_tolerance"), ("--trial-patience", "trial_patience"))
 
 
 def _fill_defaults(args: argparse.Namespace) -> None:
     defaults = {"trials": DEFAULT_TRIALS, "tune_seeds": list(DEFAULT_TUNE_SEEDS),
                 "tune_classes": list(DEFAULT_TUNE_CLASSES),
-                "select": "gap", "compare_select": True}
+                "select": "gap", "compare_select": True, "select_tolerance": DEFAULT_SELECT_TOLERANCE,
+                "trial_patience": DEFAULT_TRIAL_PATIENCE}
     for dest, value in defaults.items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
@@ -162,6 +176,8 @@ class TunePlan:
     compare_select: bool
     methods: tuple[str, ...]            # tuned (non-empty search space)
     untuned: tuple[str, ...]            # evaluated with their defaults (nothing to search: raw)
+    tolerance: float = DEFAULT_SELECT_TOLERANCE  # score points within which candidates are equally good (`select`)
+    patience: int = DEFAULT_TRIAL_PATIENCE       # epochs without an improvement after which a trial ends (0: never)
 
     @property
     def other_criterion(self) -> str:
@@ -264,7 +280,7 @@ def plan_from_args(args: argparse.Namespace) -> TunePlan:
     forget_classes = tuple(sorted(args.forget_classes)) if args.forget_classes is not None \
         else default_forget_classes(args.tune_classes, num_classes)
     return TunePlan(args.trials, tuple(args.tune_seeds), tuple(args.tune_classes), eval_seeds, forget_classes,
-                    args.select, args.compare_select, tuned, untuned)
+                    args.select, args.compare_select, tuned, untuned, args.select_tolerance, args.trial_patience)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -364,24 +380,11 @@ def epochs_flag(name: str) -> str | None:
 # Scores and selection
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _score(entry: dict, scenario: str, criterion: str) -> float:
-    """The criterion's score of one evaluation (a curve entry or a final result); it reads only training-pool keys:
-    `val_gap` (gap) or `accuracy` forget / retain / val (retrain_free), never TA, MIA_efficacy or avg_gap."""
-    if criterion == "gap":
-        if "val_gap" not in entry:
-            raise ValueError("a tuning cell's evaluation has no val_gap (the validation gap to Retrain): it ran "
-                             "without a Retrain reference or before the gap rule read the validation split; rerun it")
-        return float(entry["val_gap"])
-    accuracy = entry["accuracy"]
-    target = accuracy["val"] if scenario == "random" else 0.0
-    return abs(accuracy["forget"] - target) + max(0.0, 100.0 - accuracy["retain"])
-
-
 def epoch_scores(result: dict, scenario: str, criterion: str) -> dict[int, float]:
     """Epoch -> score of one cell: from its per-epoch curves, else (no curves) its final result at `epochs_run`.
     Tuning cells evaluate each epoch with `--epoch-eval-metrics selection`: their curves hold no test-set output."""
     curves = result.get("curves") or [{**result, "epoch": int(result.get("epochs_run") or 1)}]
-    return {int(entry["epoch"]): _score(entry, scenario, criterion) for entry in curves}
+    return {int(entry["epoch"]): selection_score(entry, scenario, criterion) for entry in curves}
 
 
 @dataclass(frozen=True)
@@ -400,40 +403,61 @@ class Selection:
     edges: dict[str, str] = field(default_factory=dict)
 
 
-def trial_score(results: list[dict | None], scenario: str, criterion: str,
-                horizon: int | None = None) -> tuple[int, float] | None:
-    """(epoch, score) of one trial: the epoch with the lowest mean score over its tuning cells, or None.
+def trial_candidates(results: list[dict | None], scenario: str, criterion: str,
+                     horizon: int | None = None) -> dict[int, float] | None:
+    """Epoch -> mean score over the trial's tuning cells, for every epoch that can be shipped, or None.
 
     `results` holds, per tuning cell, its result or a diverged cell's record of its finite epochs ({"curves": ...},
     see `trial_results`); None (failed without curves, or missing) rules the trial out. An epoch needs every cell's
-    evaluation at that epoch, so a diverged cell keeps the epochs before its divergence as candidates. `horizon`
-    (horizon-dependent methods): the only candidate is the run's own epoch count, since an earlier epoch of the run
-    is not what a run of that length ships. Ties go to the fewer epochs."""
+    evaluation at that epoch, so a diverged cell keeps the epochs before its divergence as candidates, and a cell that
+    stopped on a plateau (`evaluation.selection.PlateauStop`) the epochs it ran. `horizon` (horizon-dependent
+    methods): the only candidate is the run's own epoch count, since an earlier epoch of the run is not what a run of
+    that length ships."""
     if not results or any(r is None for r in results):
         return None
     per_cell = [epoch_scores(r, scenario, criterion) for r in results]
-    candidates = set.intersection(*(set(s) for s in per_cell))
+    epochs = set.intersection(*(set(s) for s in per_cell))
     if horizon is not None:
-        candidates &= {horizon}
-    best = None
-    for epoch in sorted(candidates):
-        score = float(np.mean([s[epoch] for s in per_cell]))
-        if best is None or score < best[1]:
-            best = (epoch, score)
-    return best
+        epochs &= {horizon}
+    means = {epoch: float(np.mean([s[epoch] for s in per_cell])) for epoch in sorted(epochs)}
+    return {epoch: score for epoch, score in means.items() if math.isfinite(score)}
+
+
+def trial_score(results: list[dict | None], scenario: str, criterion: str,
+                horizon: int | None = None) -> tuple[int, float] | None:
+    """(epoch, score) of one trial: its candidate (`trial_candidates`) with the lowest score, ties to the fewer
+    epochs; None when it has none."""
+    candidates = trial_candidates(results, scenario, criterion, horizon)
+    if not candidates:
+        return None
+    epoch = min(candidates, key=lambda e: (candidates[e], e))
+    return epoch, candidates[epoch]
 
 
 def select(trials: list[list[dict | None]], scenario: str, criterion: str,
-           horizons: list[int | None] | None = None) -> tuple[int, int | None, float]:
-    """(trial, epoch, score) with the lowest mean score over the tuning cells (`trial_score` of each trial; trial i's
-    only candidate epoch is `horizons[i]` when given and not None). Ties go to the earlier trial, then the fewer epochs.
-    (-1, None, inf) when nothing ran."""
-    best = (-1, None, math.inf)
-    for index, results in enumerate(trials):
-        scored = trial_score(results, scenario, criterion, horizons[index] if horizons else None)
-        if scored is not None and scored[1] < best[2]:
-            best = (index, *scored)
-    return best
+           horizons: list[int | None] | None = None, tolerance: float = 0.0) -> tuple[int, int | None, float]:
+    """(trial, epoch, score) chosen among every candidate (`trial_candidates`; trial i's only candidate epoch is
+    `horizons[i]` when given and not None) of every trial:
+
+    1. the candidates whose score is within `tolerance` points of the lowest score are equally good: differences
+       that small are noise (docs/tuning.md measures it), and the argmin among them would be a draw;
+    2. of those, the fewest epochs (the least unlearning that does as well), then the lowest score;
+    3. an exact tie (a plateau: e.g. a one-shot strength below which nothing changes) goes to the trial farthest
+       from the ends of the searched design, so that a flat region is not reported as an edge; then the earlier trial.
+
+    With tolerance 0 this is the plain argmin. (-1, None, inf) when nothing ran."""
+    scored = [(index, epoch, score) for index, results in enumerate(trials)
+              for epoch, score in (trial_candidates(results, scenario, criterion,
+                                                    horizons[index] if horizons else None) or {}).items()]
+    if not scored:
+        return -1, None, math.inf
+    lowest = min(score for _, _, score in scored)
+    equal = [c for c in scored if c[2] <= lowest + tolerance]
+    fewest = min(epoch for _, epoch, _ in equal)
+    best_score = min(score for _, epoch, score in equal if epoch == fewest)
+    tied = [c for c in equal if c[1] == fewest and c[2] == best_score]
+    last = len(trials) - 1
+    return min(tied, key=lambda c: (-min(c[0], last - c[0]), c[0]))
 
 
 def edge_flags(values: dict[str, Any], design_points: list[dict[str, Any]], space: dict[str, tuple],
@@ -508,6 +532,7 @@ def tuning_cells(settings: Settings, plan: TunePlan, empty_config: Path) \
         grid = {name: values[name][index] for name in plan.methods}
         trial_settings = _phase_settings(settings, methods=list(plan.methods), grid=grid, config=empty_config,
                                          epoch_eval="all", epoch_eval_metrics="selection", unlearn_epochs=None,
+                                         stop_patience=plan.patience, stop_tolerance=plan.tolerance,
                                          forget_quality=0)
         trial_builds = _scenario_builds(trial_settings, seeds_of, plan.tune_classes)
         for cells, _ in trial_builds:
@@ -583,7 +608,7 @@ def selections(cells: list[Cell], out: Path, plan: TunePlan, trial_of: dict[str,
     chosen = []
     for (config, scenario), by_trial in grouped.items():
         ordered = [by_trial.get(i, []) for i in range(plan.trials)]
-        index, epoch, score = select(ordered, scenario, criterion, _horizons(config, plan.trials))
+        index, epoch, score = select(ordered, scenario, criterion, _horizons(config, plan.trials), plan.tolerance)
         values: dict[str, Any] = {}
         flagged: dict[str, str] = {}
         if index >= 0:
@@ -678,6 +703,7 @@ def provenance(plan: TunePlan, chosen: list[Selection], other: list[Selection], 
         "init_seed": "every model of seed s (original, Retrain) is initialised from --train_seed s",
         "units": units or {},
         "criterion": plan.criterion, "trials_per_method": plan.trials,
+        "select_tolerance": plan.tolerance, "trial_patience": plan.patience,
         "search_space": spaces, "methods": per_method,
         "epochs_in_design": {name: resolve_method(name).cls.horizon_reason for name in plan.methods
                              if horizon_dependent(name)},

@@ -17,6 +17,8 @@ from sweep.settings import Settings, default_config_path, load_settings_file, me
 from sweep.tune import (
     CRITERIA,
     DEFAULT_EVAL_SEEDS,
+    DEFAULT_SELECT_TOLERANCE,
+    DEFAULT_TRIAL_PATIENCE,
     DEFAULT_TRIALS,
     DEFAULT_TUNE_CLASSES,
     DEFAULT_TUNE_SEEDS,
@@ -259,6 +261,8 @@ def test_shipped_tuned_file_is_complete_and_loads():
     provenance = payload["provenance"]
     # Made by the current protocol: its default budget, layout, held-out seeds and search spaces.
     assert provenance["criterion"] == "gap" and provenance["trials_per_method"] == DEFAULT_TRIALS
+    assert provenance["select_tolerance"] == DEFAULT_SELECT_TOLERANCE
+    assert provenance["trial_patience"] == DEFAULT_TRIAL_PATIENCE
     assert provenance["tune_seeds"] == list(DEFAULT_TUNE_SEEDS) == [101]
     assert provenance["tune_classes"] == list(DEFAULT_TUNE_CLASSES) == [3]
     assert provenance["tune_classes_of"] == {"101": 3}
@@ -296,6 +300,8 @@ def test_shipped_tuned_file_is_complete_and_loads():
     (["--tune-classes", "-1"], "--tune-classes"),
     (["--tune-classes", "3", "7", "8"], "--tune-classes 3 8: no tuning seed forgets it"),
     (["--select", "best"], "--select"),
+    (["--select-tolerance", "-1"], "--select-tolerance"), (["--select-tolerance", "101"], "--select-tolerance"),
+    (["--trial-patience", "-2"], "--trial-patience"), (["--trial-patience", "x"], "--trial-patience"),
     (["--scenarios", "backdoor"], "--tune supports the scenarios"),
     (["--config", "configs/benchmark_digits_noisy.json"], "--config cannot be combined"),
 ])
@@ -306,8 +312,8 @@ def test_bad_tune_input_is_one_line_before_any_work(tmp_path, argv, message):
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-@pytest.mark.parametrize("argv", [["--trials", "3"], ["--select", "gap"],
-                                  ["--tune-seeds", "9"], ["--no-compare-select"]])
+@pytest.mark.parametrize("argv", [["--trials", "3"], ["--select", "gap"], ["--tune-seeds", "9"],
+                                  ["--no-compare-select"], ["--select-tolerance", "0.2"], ["--trial-patience", "4"]])
 def test_tune_flags_need_tune(tmp_path, argv):
     proc = benchmark_here(*argv, "--no-track", "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == 2 and f"{argv[0].replace('--no-', '--')} needs --tune" in proc.stderr, proc.stderr
@@ -338,6 +344,8 @@ def test_tiny_tune_end_to_end(tiny_tune):
     assert set(tuned) == {"VarGrad", "provenance"}
     provenance = tuned["provenance"]
     assert provenance["criterion"] == "gap" and provenance["trials_per_method"] == 2
+    assert provenance["select_tolerance"] == DEFAULT_SELECT_TOLERANCE
+    assert provenance["trial_patience"] == DEFAULT_TRIAL_PATIENCE
     assert provenance["tune_seeds"] == [11] and provenance["tune_classes"] == [3]
     assert provenance["eval_classes"] == {str(seed): c for seed, c in TINY_EVAL_CLASSES.items()}
     assert provenance["units"]["tuning"]["classwise"] == {"11": {"train_seed": 11, "forget_classes": [3]}}
@@ -354,6 +362,10 @@ def test_tiny_tune_end_to_end(tiny_tune):
     sweep = json.loads((out / "tune" / "sweep.json").read_text())
     counts = Counter(" ".join(c["names"]) for c in sweep["cells"].values() if c["kind"] == "method")
     assert counts == {"VarGrad": 4}
+    for cell in (c for c in sweep["cells"].values() if c["kind"] == "method"):  # a trial may end on a plateau
+        argv = cell["argv"]
+        assert argv[argv.index("--stop-patience") + 1] == str(DEFAULT_TRIAL_PATIENCE)
+        assert argv[argv.index("--stop-tolerance") + 1] == str(DEFAULT_SELECT_TOLERANCE)
     assert all(t["status"] == "ok" for t in sweep["timings"].values())
 
     # The shipped values are a trial's learning rate and an epoch its curves reached, and the held-out cells ran them.

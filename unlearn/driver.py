@@ -32,7 +32,8 @@ from utils import (
     to_channels_last,
 )
 
-EpochCallback = Callable[[int, torch.nn.Module, dict, float], None]
+# Returns True to end the run after this epoch (a tuning trial on a plateau, evaluation.selection.PlateauStop).
+EpochCallback = Callable[[int, torch.nn.Module, dict, float], bool | None]
 
 
 @dataclass
@@ -83,7 +84,9 @@ def run_unlearning(method: UnlearnMethod, epochs: int, on_epoch: EpochCallback |
                    progress: bool = True) -> UnlearnOutcome:
     """Run `method` for `epochs` epochs (one pass for one-shot methods).
 
-    `on_epoch(epoch, eval_model, stats, rte_so_far)` is called after every epoch, outside the timer. A non-finite
+    `on_epoch(epoch, eval_model, stats, rte_so_far)` is called after every epoch, outside the timer; when it returns
+    True the run ends there, without `finish()` (only a horizon-independent method may be stopped early: its epoch e
+    is then the model a fresh e-epoch run gives, tests/test_horizon.py). A non-finite
     loss, a non-finite parameter or buffer, or non-finite logits on the probe batch (`output_probe`) stop the run: the
     last state that passed all three checks is restored and DivergenceError(epoch) is raised. A model that is not
     finite to begin with is a UserError, raised before any work.
@@ -95,6 +98,7 @@ def run_unlearning(method: UnlearnMethod, epochs: int, on_epoch: EpochCallback |
     watch = Stopwatch(method.ctx.device)
     epochs = 1 if method.one_shot else epochs
     stats_per_epoch: list[dict] = []
+    epochs_run = 0
     with watch:
         method.setup()
     last_finite = copy.deepcopy(model.state_dict())  # after setup: setup may change the model (BE's shadow class)
@@ -119,8 +123,10 @@ def run_unlearning(method: UnlearnMethod, epochs: int, on_epoch: EpochCallback |
                 f"with finite outputs (epoch {epoch - 1}) were kept; lower --unlearn_lr", epoch)
         last_finite = copy.deepcopy(model.state_dict())
         stats_per_epoch.append(stats)
+        epochs_run = epoch
         if stats:
             bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if isinstance(v, float)})
-        if on_epoch:
-            on_epoch(epoch, method.evaluation_model(), stats, watch.seconds)
-    return UnlearnOutcome(model=model, rte_seconds=watch.seconds, epochs_run=epochs, epoch_stats=stats_per_epoch)
+        if on_epoch and on_epoch(epoch, method.evaluation_model(), stats, watch.seconds):
+            break
+    bar.close()
+    return UnlearnOutcome(model=model, rte_seconds=watch.seconds, epochs_run=epochs_run, epoch_stats=stats_per_epoch)

@@ -222,7 +222,7 @@ class FisherForgetting(UnlearnMethod):
     summary = "Fisher forgetting (FF): Gaussian noise shaped by the inverse retain-set Fisher"
     hparams = tune((ALPHA.replace(help="FF: scale of the noise variance", low_open=True),), alpha=1e-9,
                    digits={"alpha": 3e-6})
-    hparams = searched(hparams, alpha=("log", 1e-8, 1e-4))
+    hparams = searched(hparams, alpha=("log", 1e-10, 1e-4))
     refused_flags = {"mask_path": "its update is noise on every weight"}
     one_shot = True
 
