@@ -346,16 +346,28 @@ def ensure_references(p: Prepared) -> dict[str, bool]:
     return trained
 
 
+# Retrain evaluations kept for the life of the process: a sweep worker runs dozens of cells against each Retrain
+# model, and evaluating it again for every cell cost about 0.2 s of each. The key is the file's identity and version
+# and everything else the numbers depend on (split, data, precision, device, threads), so a hit is what a fresh
+# evaluation would give.
+_RETRAIN_EVALUATIONS: dict[tuple, Evaluation] = {}
+_RETRAIN_EVALUATIONS_KEPT = 32
+
+
 def retrain_evaluation(p: Prepared) -> tuple[Evaluation | None, Path | None]:
-    """The Retrain reference of the split, evaluated once per file version (cached on the prepared run)."""
+    """The Retrain reference of the split, evaluated once per file version in this process."""
     path = find_retrain_checkpoint(p)
     if path is None:
         return None, None
-    key = (str(path), os.path.getmtime(path))
-    if key not in p.retrain_cache:
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, p.split.hash,
+           repr(p.config.data), p.config.model.amp, str(p.device), torch.get_num_threads())
+    if key not in _RETRAIN_EVALUATIONS:
         model, _ = load_model(path, p)  # its split and recipe are this run's (find_retrain_checkpoint)
-        p.retrain_cache[key] = evaluate_model(model, p.splits, amp=p.config.model.amp)
-    return p.retrain_cache[key], path
+        if len(_RETRAIN_EVALUATIONS) >= _RETRAIN_EVALUATIONS_KEPT:
+            _RETRAIN_EVALUATIONS.pop(next(iter(_RETRAIN_EVALUATIONS)))  # the oldest
+        _RETRAIN_EVALUATIONS[key] = evaluate_model(model, p.splits, amp=p.config.model.amp)
+    return _RETRAIN_EVALUATIONS[key], path
 
 
 def retrain_reference_result(p: Prepared) -> dict:

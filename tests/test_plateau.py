@@ -216,3 +216,36 @@ def test_an_exact_plateau_goes_away_from_the_ends_of_the_design():
     top = [_trial(9.0)] * 6 + [_trial(0.0), _trial(0.0)]
     assert select(top, "random", "gap") == (6, 1, 0.0)
     assert select([_trial(1.0), _trial(1.0)], "random", "gap") == (0, 1, 1.0)  # equally far: the earlier trial
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Retrain evaluation, once per process
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_a_retrain_model_is_evaluated_once_per_process_and_again_when_its_file_changes(tiny_models):
+    import os
+
+    from arg_parser import parse_config
+    from pipeline.stages import prepare, retrain_evaluation
+
+    save = tiny_models(*TINY, "--seed", "1", retrain=True)
+    argv = [*TINY, "--seed", "1", "--save_dir", str(save), "--unlearn", "FT", "--no-track"]
+
+    def evaluated():
+        return retrain_evaluation(prepare(parse_config(argv, "mlflow_forget.py"), announce=False))
+
+    first, path = evaluated()
+    assert first is not None and path is not None
+    again, _ = evaluated()
+    assert again is first, "a second run in the same process reuses the evaluation"
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a new version of the file
+    fresh, _ = evaluated()
+    assert fresh is not first and fresh.accuracy == first.accuracy and fresh.svc == first.svc
+    assert (fresh.forget_predictions == first.forget_predictions).all()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert evaluated()[0] is not fresh, "another thread count is another evaluation"
+    finally:
+        torch.set_num_threads(threads)
