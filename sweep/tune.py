@@ -9,12 +9,16 @@ and lambda, IU's and FF's alpha). The number of epochs is not a trial dimension 
 (`unlearn.common.MAX_TUNED_EPOCHS`, declared `("per_epoch", max)`) with evaluation after every epoch, and the best
 epoch is read off those curves. A horizon-dependent method (FT_l1, SalUn_soft: a schedule over the run's length) has
 its epoch count as the design's last coordinate instead, and only each trial's last epoch is a candidate. A trial that
-diverged keeps the epochs before its divergence as candidates. The masking family's beta and q stay at their defaults,
-so a masked alias has exactly its base's trials. The N points are a fixed design, not random draws: evenly spaced (in
-log or linear units) for one dimension, a Hammersley set (first coordinate evenly spaced, the others radical inverses
-in bases 2, 3, ...) for several. A choice on the edge of what its dimension tried is flagged (provenance `on_edge`,
-and "[high edge]" / "[low edge]" in the table's settings column); `tune/sensitivity_<scenario>.png` plots each trial's
-best score against its learning rate. docs/tuning.md has the details.
+diverged keeps the epochs before its divergence as candidates. A trial of the other iterative methods ends once no
+selection score has improved by more than `--select-tolerance` for `--trial-patience` epochs (default 8; the epochs
+that ran are its candidates). Among all candidates, those within `--select-tolerance` points (default 0.5, the
+epoch-to-epoch noise of the curves) of the lowest score are equally good, and the fewest epochs win (`select`).
+The masking family's beta and q stay at their defaults, so a masked alias has exactly its base's trials. The N points
+are a fixed design, not random draws: evenly spaced (in log or linear units) for one dimension, a Hammersley set
+(first coordinate evenly spaced, the others radical inverses in bases 2, 3, ...) for several. A choice on the edge of
+what its dimension tried is flagged (provenance `on_edge`, and "[high edge]" / "[low edge]" in the table's settings
+column); `tune/sensitivity_<scenario>.png` plots each trial's best score against its learning rate. docs/tuning.md
+has the details.
 
 Cells. A seed is one independent replication: every model of seed s (original, Retrain) is initialised from
 `--train_seed s` (the single-run scripts keep upstream's 1). Both phases lay out their cells the same way: one cell per
