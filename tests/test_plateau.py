@@ -222,6 +222,7 @@ def test_an_exact_plateau_goes_away_from_the_ends_of_the_design():
 # The Retrain evaluation, once per process
 # ---------------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_retrain_model_is_evaluated_once_per_process_and_again_when_its_file_changes(tiny_models):
     import os
 
