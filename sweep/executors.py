@@ -384,8 +384,15 @@ def _run_in_worker(run: Callable[[dict], dict], task: dict) -> dict:
 def start_pool(workers: int, visible_gpus: str | None, started=None) -> futures.ProcessPoolExecutor:
     """`workers` worker processes (fresh interpreters: no forked torch thread pools), pinned to `visible_gpus`;
     `started`: a SimpleQueue (of the spawn context) on which each worker says which cell it starts."""
-    return futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_worker_init, initargs=(os.getpid(), visible_gpus, started))
+    # With the spawn context, Python 3.11 starts workers one per submit, and `submit` wakes the pool's manager thread
+    # before it starts the new worker: the manager then waits on the sentinels of the workers it knew, and the death of
+    # the newest one (a cell killed by the OOM killer) goes unseen until some other worker returns a result, or
+    # forever when none is running. Private, as `_processes` below: the flag the executor uses for the fork context,
+    # which launches every worker at the first submit, before the manager thread starts and learns their sentinels.
+    pool._safe_to_dynamically_spawn_children = False
+    return pool
 
 
 class SubmititJobs:

@@ -108,15 +108,26 @@ def copy_of(trained: Path, tmp_path: Path) -> Path:
 def test_a_dead_worker_fails_its_own_cell_and_the_cells_sharing_its_pool_run_again(tmp_path):
     cells = [Cell("method", key, "digits", "resnet18", "random", 1, []) for key in ("slow-1", "die-2", "after-3")]
     reports: dict[str, dict] = {}
+    started = time.monotonic()
     with executors.LocalPools([executors.Slot("cpu", None, 2)], run=quick) as pools:
         executors.schedule(cells, tmp_path, set(), set(), lambda cell, report: reports.__setitem__(cell.key, report),
                            lambda cell: None, pools)
+        # The slow cell sleeps 120 s unless the death breaks its pool: a death that went unseen until it woke up
+        # (a worker started after the pool's manager thread last looked) would take that long.
+        assert time.monotonic() - started < 60, "the worker's death was noticed only when the other cell ended"
         assert len(pools.rerun) >= 1, "the cell that shared the pool was run again"
     assert set(reports) == {"slow-1", "die-2", "after-3"}
     died = reports["die-2"]
     assert died["status"] == "error" and "killed by SIGKILL" in died["error"]
     assert str(tmp_path / "logs" / "method_die-2.log") in died["error"], "the report names the cell's log"
     assert reports["slow-1"]["status"] == "ok" and reports["after-3"]["status"] == "ok", "on a restarted pool"
+
+
+def test_a_pool_starts_all_its_workers_at_the_first_submit():
+    """So that the pool's manager thread watches every worker from the start (`start_pool`)."""
+    with executors.start_pool(2, None) as pool:
+        pool.submit(os.getpid).result(timeout=120)
+        assert len(pool._processes) == 2
 
 
 @pytest.mark.slow
