@@ -66,6 +66,13 @@ BAD_INPUT = [
     (["--unlearn", "SalUn", "--salun_ratio", "0"], "salun_ratio"),
     (["--unlearn", "NoSuch"], "NoSuch"), (["--class_to_replace", "10"], "class_to_replace"),
     (["--unlearn", "VarGrad", "--quantile", "1.5"], "quantile"),
+    # The plateau stop (evaluation.selection.PlateauStop, tests/test_plateau.py)
+    (["--unlearn", "NGPlus", "--stop-patience", "-1"], "--stop-patience"),
+    (["--unlearn", "NGPlus", "--stop-patience", "2", "--stop-tolerance", "-0.5"], "--stop-tolerance"),
+    (["--unlearn", "NGPlus", "--stop-patience", "2", "--stop-tolerance", "101"], "--stop-tolerance"),
+    (["--unlearn", "NGPlus", "--stop-tolerance", "0.5"], "--stop-patience"),
+    (["--unlearn", "NGPlus", "--stop-patience", "2", "--no-epoch-eval"], "--no-epoch-eval"),
+    (["--unlearn", "FT_l1", "--stop-patience", "2"], "horizon-dependent"),
 ]
 
 

@@ -140,26 +140,6 @@ def test_mlflow_forget_stops_on_a_plateau_and_ships_that_epoch(tiny_models, tmp_
         assert stopped[key] == fresh[key], key
 
 
-STOP_BAD_INPUT = [
-    (["--unlearn", "NGPlus", "--stop-patience", "-1"], "--stop-patience"),
-    (["--unlearn", "NGPlus", "--stop-patience", "2", "--stop-tolerance", "-0.5"], "--stop-tolerance"),
-    (["--unlearn", "NGPlus", "--stop-patience", "2", "--stop-tolerance", "101"], "--stop-tolerance"),
-    (["--unlearn", "NGPlus", "--stop-tolerance", "0.5"], "--stop-patience"),
-    (["--unlearn", "NGPlus", "--stop-patience", "2", "--no-epoch-eval"], "--no-epoch-eval"),
-    (["--unlearn", "FT_l1", "--stop-patience", "2"], "horizon-dependent"),
-]
-
-
-@pytest.mark.parametrize("extra,named", STOP_BAD_INPUT, ids=[" ".join(a) for a, _ in STOP_BAD_INPUT])
-def test_stop_flags_bad_input_is_one_line_exit_2(tmp_path, extra, named):
-    save = tmp_path / "out"
-    result = run_main("mlflow_forget.py", *TINY, "--save_dir", str(save), "--no-track", *extra)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and named in lines[0], result.stderr
-    assert not save.exists()
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Sweep cells
 # ---------------------------------------------------------------------------------------------------------------------
