@@ -101,7 +101,8 @@ TUNABLE_SCENARIOS = ("random", "classwise")
 DEFAULT_SELECT_TOLERANCE = 0.5
 # A trial ends once no selection score has improved by more than the tolerance for this many epochs. Replayed on the
 # curves of a full search (commit d8408ec, every trial run to 30 epochs), patience 8 cut the search's cell time by
-# 30 % and moved 13 of its 108 choices (both rules) to other candidates within the noise; patience 10 cut 22 %.
+# 30 % and moved 13 of its 108 choices (both rules) off a later epoch that was better by more than the tolerance;
+# patience 10 cut 22 % and moved 8 (docs/tuning.md).
 DEFAULT_TRIAL_PATIENCE = 8
 SIGNIFICANT_DIGITS = 3  # trial values are rounded, so tuned.json and the table read 0.00316, not 0.0031622776601683794
 
