@@ -173,11 +173,35 @@ def check_metadata(payload: dict, path: Path, p: Prepared) -> None:
         raise UserError(f"checkpoint '{path}' has width {width}, but --width {c.model.width} was requested")
 
 
+# Every cell of a sweep reads the same original and Retrain checkpoints (about 25 ms per read, two per cell): a process
+# keeps the last few it read, keyed by the file's identity and version (an atomic rewrite is a new inode), so only a
+# changed file is read again.
+_CHECKPOINTS: dict[tuple, dict] = {}
+_CHECKPOINTS_KEPT = 8
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """`utils.load_checkpoint`, read once per file version in this process. The top-level dict is the caller's own;
+    the tensors and nested values in it are shared with later callers: read them, never change them in place
+    (`load_state_dict` copies)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return load_checkpoint(path)  # the one-line error of a missing file
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _CHECKPOINTS:
+        payload = load_checkpoint(path)
+        if len(_CHECKPOINTS) >= _CHECKPOINTS_KEPT:
+            _CHECKPOINTS.pop(next(iter(_CHECKPOINTS)))  # the oldest
+        _CHECKPOINTS[key] = payload
+    return dict(_CHECKPOINTS[key])
+
+
 def load_model(path: str | Path, p: Prepared) -> tuple[torch.nn.Module, dict]:
     """Load a weights-only checkpoint into a freshly built model, after checking its metadata. The recorded width
     wins when --width was left unset."""
     path = Path(path)
-    payload = load_checkpoint(path)
+    payload = read_checkpoint(path)
     check_metadata(payload, path, p)
     width = p.config.model.width if p.config.model.width is not None else payload.get("width")
     model = build_model(p, width).to(p.device)
@@ -263,7 +287,7 @@ def retrain_difference(path: Path, p: Prepared) -> str | None:
     (`training.first_difference`). A checkpoint written before the settings were recorded is judged by the metadata
     it has (`model_metadata`); one without metadata (a bare state_dict) cannot be checked and is never reused."""
     try:
-        payload = load_checkpoint(path)
+        payload = read_checkpoint(path)
     except UserError as exc:
         return str(exc)
     requested = retrain_settings(p)

@@ -191,11 +191,17 @@ def schedule(pending: list, out: Path, finished: set[str], dead: set[str], handl
              executor: Executor) -> None:
     """Run `pending`, each cell once its dependencies are in `finished`, at most `executor.capacity` at a time; a cell
     whose dependency is in `dead` is skipped (`skip(cell)`, and it joins `dead`). Each report is delivered (the result
-    file written here) before `handle(cell, report)`, which updates `finished` / `dead`."""
+    file written here) before `handle(cell, report)`, which updates `finished` / `dead`.
+
+    The slots that finished cells free are filled again before their reports are delivered and handled: handling
+    includes the cell's tracking calls (tens of milliseconds each, hundreds of cells), which would otherwise leave a
+    worker idle while this process writes."""
     adopted = {cell.key for cell in executor.adopt(pending, out)}
     pending = [cell for cell in pending if cell.key not in adopted]
     in_flight = len(adopted)
-    while True:
+
+    def start_ready() -> None:
+        nonlocal in_flight
         ready = []
         for cell in list(pending):
             if any(d in dead for d in cell.deps):
@@ -208,12 +214,17 @@ def schedule(pending: list, out: Path, finished: set[str], dead: set[str], handl
         if ready:
             executor.start(ready, out)
             in_flight += len(ready)
+
+    while True:
+        start_ready()
         if not in_flight:
             if pending:  # dependencies that are neither finished nor pending: cannot happen, but never hang
                 raise RuntimeError(f"unschedulable cells: {[c.key for c in pending]}")
             return
-        for cell, report in executor.wait():
-            in_flight -= 1
+        reports = executor.wait()
+        in_flight -= len(reports)
+        start_ready()  # with the dependencies finished so far: the reports' own dependants start at the next turn
+        for cell, report in reports:
             deliver(cell, report, out)
             handle(cell, report)
 

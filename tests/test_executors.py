@@ -341,3 +341,44 @@ def test_a_debug_job_hands_its_report_back_through_a_json_file_in_its_folder(tmp
     folder = tmp_path / record["folder"]
     assert not Path(record["folder"]).is_absolute() and folder.parent == tmp_path / "submitit"
     assert json.loads((folder / executors.REPORT_FILE.replace("%j", record["job_id"])).read_text())["key"] == "k1"
+
+
+class RecordingExecutor:
+    """Two slots; a cell ends at the next `wait` after its start, in start order; every call is recorded."""
+
+    capacity = 2
+
+    def __init__(self, events: list):
+        self.events, self.running = events, []
+
+    def adopt(self, cells, out):
+        return []
+
+    def start(self, cells, out):
+        self.events += [("start", cell.key) for cell in cells]
+        self.running += cells
+
+    def wait(self):
+        cell = self.running.pop(0)
+        return [(cell, {"key": cell.key, "status": "ok", "result": None})]
+
+
+def test_a_freed_slot_is_filled_before_the_finished_cell_is_handled(tmp_path):
+    """The submitting process tracks a finished cell (slow): the next ready cell already runs meanwhile; a cell that
+    waits for the finished one starts when the next slot frees."""
+    from sweep.executors import schedule
+    from sweep.grid import Cell
+
+    a, b, c = (Cell("method", key, "digits", "resnet18", "random", 1, []) for key in "abc")
+    after_a = Cell("method", "after-a", "digits", "resnet18", "random", 1, [], deps=["a"])
+    events: list = []
+    finished: set[str] = set()
+
+    def handle(cell, report):
+        events.append(("handle", cell.key))
+        finished.add(cell.key)
+
+    schedule([a, b, after_a, c], tmp_path, finished, set(), handle, lambda cell: None, RecordingExecutor(events))
+    assert events[:6] == [("start", "a"), ("start", "b"), ("start", "c"), ("handle", "a"), ("start", "after-a"),
+                          ("handle", "b")], events
+    assert sorted(key for kind, key in events if kind == "handle") == ["a", "after-a", "b", "c"]

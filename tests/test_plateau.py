@@ -230,3 +230,28 @@ def test_a_retrain_model_is_evaluated_once_per_process_and_again_when_its_file_c
         assert evaluated()[0] is not fresh, "another thread count is another evaluation"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_checkpoint_is_read_once_per_process_and_again_when_its_file_changes(tmp_path, monkeypatch):
+    import os
+
+    import pipeline.stages as stages
+    from utils import atomic_torch_save
+
+    path = tmp_path / "model.pth.tar"
+    atomic_torch_save(path, {"state_dict": {"w": torch.ones(2)}, "epoch": 3})
+    reads = []
+    real = stages.load_checkpoint
+    monkeypatch.setattr(stages, "load_checkpoint", lambda p: reads.append(p) or real(p))
+    monkeypatch.setattr(stages, "_CHECKPOINTS", {})
+    first = stages.read_checkpoint(path)
+    first["epoch"] = 99  # the caller's own dict
+    second = stages.read_checkpoint(path)
+    assert len(reads) == 1 and second["epoch"] == 3 and torch.equal(second["state_dict"]["w"], torch.ones(2))
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a new version of the file
+    assert stages.read_checkpoint(path)["epoch"] == 3 and len(reads) == 2
+    atomic_torch_save(path, {"state_dict": {"w": torch.zeros(2)}, "epoch": 4})  # rewritten: a new inode
+    assert stages.read_checkpoint(path)["epoch"] == 4 and len(reads) == 3
+    with pytest.raises(Exception, match="does not exist"):
+        stages.read_checkpoint(tmp_path / "missing.pth.tar")

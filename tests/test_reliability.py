@@ -15,7 +15,7 @@ import dataset
 from conftest import ROOT, TINY, run_main
 from models import create_model
 from unlearn import UnlearnContext, resolve_hyperparameters, resolve_method, run_unlearning
-from unlearn.driver import output_probe, outputs_are_finite, state_is_finite
+from unlearn.driver import copy_state, output_probe, outputs_are_finite, state_is_finite
 from unlearn.registry import UnlearnMethod
 from utils import (
     DivergenceError,
@@ -84,6 +84,41 @@ def test_state_is_finite_looks_at_buffers_and_ignores_integer_ones():
     with torch.no_grad():
         next(model.parameters())[0].fill_(float("-inf"))
     assert not state_is_finite(model)
+
+
+def test_state_is_finite_on_mixed_dtypes_empty_tensors_and_huge_finite_values():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2).to(torch.bfloat16),
+                                torch.nn.Linear(2, 2).to(torch.float64))
+    model.register_buffer("empty", torch.empty(0))  # nothing in it can be non-finite
+    assert state_is_finite(model)
+    with torch.no_grad():
+        model[2].weight.fill_(1e300)  # finite in float64, though beyond float32's range
+        assert state_is_finite(model)
+        model[1].bias[1] = float("nan")
+        assert not state_is_finite(model)
+        model[1].bias[1] = 0.0
+        model[0].weight[0, 2] = float("inf")
+        assert not state_is_finite(model)
+
+
+def test_copy_state_is_a_deep_copy_that_reuses_its_tensors():
+    model = _resnet()
+    first = copy_state(model)
+    tensors = [t.data_ptr() for t in first.values()]
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.num_batches_tracked.add_(3)
+    second = copy_state(model, into=first)
+    assert second is first and [t.data_ptr() for t in second.values()] == tensors, "written in place"
+    for key, value in model.state_dict().items():
+        assert torch.equal(second[key], value) and second[key].data_ptr() != value.data_ptr(), key
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert not torch.equal(second[next(iter(second))], next(model.parameters())), "a copy, not a view"
+    model.fc = torch.nn.Linear(model.fc.in_features, 3)  # another shape: a fresh copy
+    third = copy_state(model, into=second)
+    assert third is not second and third["fc.weight"].shape == (3, model.fc.in_features)
 
 
 def test_state_is_finite_syncs_with_the_host_once(monkeypatch):

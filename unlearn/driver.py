@@ -47,11 +47,32 @@ class UnlearnOutcome:
 def state_is_finite(model: torch.nn.Module) -> bool:
     """True when every floating-point parameter and buffer is finite.
 
-    One device reduction and a single host sync per call: the per-tensor flags are stacked and reduced on the device,
-    instead of one `bool()` (one sync) per tensor, which would stall a GPU dozens of times per epoch.
+    A single host sync per call, instead of one `bool()` per tensor, which would stall a GPU dozens of times per
+    epoch. The largest magnitude of each tensor is inf or NaN exactly when the tensor holds one (both survive `abs`
+    and `max`); the grouped (`_foreach`) kernels take a third of the time of one `isfinite` per tensor, which counts
+    on small models, where this runs after every epoch of every cell.
     """
-    flags = [torch.isfinite(t).all() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    return bool(torch.stack(flags).all()) if flags else True
+    tensors = [t.detach() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return True
+    peaks = torch._foreach_max(torch._foreach_abs(tensors))
+    if len({peak.dtype for peak in peaks}) > 1:  # stack needs one dtype; float64 holds every float exactly
+        peaks = [peak.double() for peak in peaks]
+    return bool(torch.isfinite(torch.stack(peaks)).all())
+
+
+def copy_state(model: torch.nn.Module, into: dict | None = None) -> dict:
+    """A copy of `model.state_dict()`, written into the tensors of `into` (an earlier copy) when its names, shapes,
+    dtypes and devices still match: bitwise the same as `copy.deepcopy`, without allocating every epoch."""
+    state = model.state_dict()
+    if into is None or list(into) != list(state) or any(
+            (mine.shape, mine.dtype, mine.device) != (theirs.shape, theirs.dtype, theirs.device)
+            for mine, theirs in zip(into.values(), state.values())):
+        return copy.deepcopy(state)
+    with torch.no_grad():
+        for mine, theirs in zip(into.values(), state.values()):
+            mine.copy_(theirs)
+    return into
 
 
 def _loss_is_finite(loss: object) -> bool:
@@ -101,7 +122,7 @@ def run_unlearning(method: UnlearnMethod, epochs: int, on_epoch: EpochCallback |
     epochs_run = 0
     with watch:
         method.setup()
-    last_finite = copy.deepcopy(model.state_dict())  # after setup: setup may change the model (BE's shadow class)
+    last_finite = copy_state(model)  # after setup: setup may change the model (BE's shadow class)
     probe = output_probe(method.ctx.data)
     bar = tqdm(range(1, epochs + 1), desc=f"unlearn {method.name}", disable=None if progress else True, leave=False,
                dynamic_ncols=True)
@@ -121,7 +142,7 @@ def run_unlearning(method: UnlearnMethod, epochs: int, on_epoch: EpochCallback |
             raise DivergenceError(
                 f"{method.name} diverged at epoch {epoch}: finite weights but non-finite outputs; the last weights "
                 f"with finite outputs (epoch {epoch - 1}) were kept; lower --unlearn_lr", epoch)
-        last_finite = copy.deepcopy(model.state_dict())
+        last_finite = copy_state(model, into=last_finite)
         stats_per_epoch.append(stats)
         epochs_run = epoch
         if stats:
