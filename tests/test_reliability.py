@@ -121,6 +121,21 @@ def test_copy_state_is_a_deep_copy_that_reuses_its_tensors():
     assert third is not second and third["fc.weight"].shape == (3, model.fc.in_features)
 
 
+def test_the_cell_overheads_script_checks_both_ways_and_prints_their_ratios(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cell_overheads", ROOT / "perf" / "cell_overheads.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["--repeats", "2", "--rounds", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = {line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows == {"copy", "finite", "checkpoint"}
+
+
 def test_state_is_finite_syncs_with_the_host_once(monkeypatch):
     """One stacked reduction: a single Tensor.__bool__ per check, however many tensors the model has."""
     model = _resnet()
