@@ -173,9 +173,25 @@ def check_metadata(payload: dict, path: Path, p: Prepared) -> None:
         raise UserError(f"checkpoint '{path}' has width {width}, but --width {c.model.width} was requested")
 
 
+def file_version(path: str | Path) -> tuple:
+    """What identifies one version of a file: its resolved path, inode (an atomic rewrite is a new inode), size and
+    modification time. Raises OSError when the file is missing."""
+    stat = os.stat(path)
+    return str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def remembered(cache: dict, kept: int, key: tuple, compute: Callable[[], Any]) -> Any:
+    """`cache[key]`, computed on a miss; the cache holds at most `kept` entries and drops the oldest first."""
+    if key not in cache:
+        value = compute()
+        if len(cache) >= kept:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
+    return cache[key]
+
+
 # Every cell of a sweep reads the same original and Retrain checkpoints (about 25 ms per read, two per cell): a process
-# keeps the last few it read, keyed by the file's identity and version (an atomic rewrite is a new inode), so only a
-# changed file is read again.
+# keeps the last few versions it read, so only a changed file is read again.
 _CHECKPOINTS: dict[tuple, dict] = {}
 _CHECKPOINTS_KEPT = 8
 
@@ -185,16 +201,10 @@ def read_checkpoint(path: str | Path) -> dict:
     the tensors and nested values in it are shared with later callers: read them, never change them in place
     (`load_state_dict` copies)."""
     try:
-        stat = os.stat(path)
+        key = file_version(path)
     except OSError:
         return load_checkpoint(path)  # the one-line error of a missing file
-    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if key not in _CHECKPOINTS:
-        payload = load_checkpoint(path)
-        if len(_CHECKPOINTS) >= _CHECKPOINTS_KEPT:
-            _CHECKPOINTS.pop(next(iter(_CHECKPOINTS)))  # the oldest
-        _CHECKPOINTS[key] = payload
-    return dict(_CHECKPOINTS[key])
+    return dict(remembered(_CHECKPOINTS, _CHECKPOINTS_KEPT, key, lambda: load_checkpoint(path)))
 
 
 def load_model(path: str | Path, p: Prepared) -> tuple[torch.nn.Module, dict]:
@@ -383,15 +393,14 @@ def retrain_evaluation(p: Prepared) -> tuple[Evaluation | None, Path | None]:
     path = find_retrain_checkpoint(p)
     if path is None:
         return None, None
-    stat = os.stat(path)
-    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, p.split.hash,
-           repr(p.config.data), p.config.model.amp, str(p.device), torch.get_num_threads())
-    if key not in _RETRAIN_EVALUATIONS:
+    key = (*file_version(path), p.split.hash, repr(p.config.data), p.config.model.amp, str(p.device),
+           torch.get_num_threads())
+
+    def evaluate_retrain() -> Evaluation:
         model, _ = load_model(path, p)  # its split and recipe are this run's (find_retrain_checkpoint)
-        if len(_RETRAIN_EVALUATIONS) >= _RETRAIN_EVALUATIONS_KEPT:
-            _RETRAIN_EVALUATIONS.pop(next(iter(_RETRAIN_EVALUATIONS)))  # the oldest
-        _RETRAIN_EVALUATIONS[key] = evaluate_model(model, p.splits, amp=p.config.model.amp)
-    return _RETRAIN_EVALUATIONS[key], path
+        return evaluate_model(model, p.splits, amp=p.config.model.amp)
+
+    return remembered(_RETRAIN_EVALUATIONS, _RETRAIN_EVALUATIONS_KEPT, key, evaluate_retrain), path
 
 
 def retrain_reference_result(p: Prepared) -> dict:
