@@ -324,7 +324,7 @@ def find_retrain_checkpoint(p: Prepared) -> Path | None:
 
 def _retrain_verdict(p: Prepared, path: Path) -> str | None:
     """`retrain_difference`, read once per file version."""
-    key = ("settings", str(path), path.stat().st_mtime_ns)
+    key = ("settings", *file_version(path))
     if key not in p.retrain_cache:
         p.retrain_cache[key] = retrain_difference(path, p)
     return p.retrain_cache[key]
